@@ -1,0 +1,459 @@
+"""Data: the built-in digits, MNIST-style IDX files, a user's own matrix; splits,
+binarization, validation, and the mini-batch loader that carries row indices.
+
+Every array that leaves this module is float32 of shape (N, D), finite, non-empty.
+Every problem is a :class:`DataError` whose message is one line naming the source.
+
+Binarization (for Bernoulli decoders):
+
+* ``threshold``: a pixel is 1 where its grey level in [0, 1] is >= 0.5 (for the
+  8x8 digits, whose levels run 0..16, that is a raw value >= 8);
+* ``static``: one Bernoulli draw of the grey levels with a fixed seed, for every split;
+* ``dynamic``: a fresh Bernoulli draw of each training mini-batch at every epoch (the
+  IWAE paper's protocol); validation and test sets get one seeded static draw so that
+  their numbers are comparable across runs;
+* ``none``: the values are used as they are (a Bernoulli model then requires them
+  to be exactly 0 or 1).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from inference.errors import DataError
+
+BINARIZE = ("none", "threshold", "static", "dynamic")
+BUILTIN = ("digits",)
+IDX_DATASETS = ("mnist", "fashion-mnist")
+DATASETS = BUILTIN + IDX_DATASETS
+THRESHOLD = 0.5
+# The digits split is fixed: it does not move with a run's --seed, so numbers from
+# different runs are on the same rows.
+DIGITS_SPLIT_SEED = 0
+DIGITS_N_VAL = 270
+DIGITS_N_TEST = 270
+STATIC_BINARIZE_SEED = 1234  # the seed of the one "static" Bernoulli draw
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """Train / validation / test matrices of one data set, float32 (N, D).
+
+    For ``binarize == "dynamic"`` ``train`` holds grey levels and the loader draws
+    a fresh binarization per epoch; ``val`` and ``test`` are binarized once.
+    """
+
+    name: str
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    binarize: str = "none"
+    image_shape: tuple[int, int] | None = None
+    source: str = ""
+
+    @property
+    def data_dim(self) -> int:
+        return int(self.train.shape[1])
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train.shape[0])
+
+    def describe(self) -> dict:
+        return {
+            "dataset": self.name,
+            "source": self.source,
+            "binarize": self.binarize,
+            "n_train": self.n_train,
+            "n_val": int(self.val.shape[0]),
+            "n_test": int(self.test.shape[0]),
+            "data_dim": self.data_dim,
+            "image_shape": list(self.image_shape) if self.image_shape else None,
+        }
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def validate_matrix(arr, source: str) -> np.ndarray:
+    """Return ``arr`` as a finite, non-empty float64 matrix (N, D) or raise DataError.
+
+    Rank 1 is read as N observations of one variable (N, 1); rank 3 as N images,
+    flattened; any other rank is refused.
+    """
+    arr = np.asarray(arr)
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_
+    ):
+        raise DataError(f"{source}: values must be numbers, found dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise DataError(f"{source}: complex values are not supported")
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    elif arr.ndim == 3:
+        arr = arr.reshape(arr.shape[0], -1)
+    elif arr.ndim != 2:
+        raise DataError(
+            f"{source}: expected a matrix (N, D), N images (N, H, W) or a vector, "
+            f"got an array of rank {arr.ndim} and shape {tuple(arr.shape)}"
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(f"{source}: empty data, shape {tuple(arr.shape)}")
+    arr = arr.astype(np.float64, copy=False)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        kind = "NaN" if np.isnan(arr[r, c]) else "an infinite value"
+        raise DataError(
+            f"{source}: {int(bad.sum())} non-finite value(s); first is {kind} at row {r}, column {c}"
+        )
+    return arr
+
+
+def check_unit_interval(x: torch.Tensor, source: str) -> None:
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise DataError(
+            f"{source}: a Bernoulli likelihood needs values in [0, 1], found [{lo:g}, {hi:g}];"
+            " rescale the data (and binarize it)"
+        )
+
+
+def check_binary(x: torch.Tensor, source: str) -> None:
+    """A Bernoulli decoder needs 0/1 data: say how to get it if it is not."""
+    check_unit_interval(x, source)
+    nonbinary = (x != 0) & (x != 1)
+    if bool(nonbinary.any()):
+        n = int(nonbinary.sum())
+        raise DataError(
+            f"{source}: a Bernoulli likelihood needs binary data, found {n} value(s) strictly"
+            " between 0 and 1; pass --binarize threshold, static or dynamic"
+        )
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _open_maybe_gz(path: str):
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return gzip.open(path, "rb") if head == b"\x1f\x8b" else open(path, "rb")
+
+
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read one IDX file (plain or gzip): magic, dims, then the payload, all checked."""
+    try:
+        with _open_maybe_gz(path) as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read it ({e})") from None
+    if len(raw) < 4:
+        raise DataError(f"{path}: too short for an IDX file ({len(raw)} bytes)")
+    zero, code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or code not in _IDX_DTYPES or not 1 <= ndim <= 4:
+        raise DataError(f"{path}: bad IDX magic number 0x{raw[:4].hex()}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    dims = struct.unpack(">" + "I" * ndim, raw[4:header])
+    dtype = _IDX_DTYPES[code]
+    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(
+            f"{path}: size {len(raw)} bytes does not match its header (dims {dims}: {expected} bytes)"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def _find(data_dir: str, stem: str) -> str:
+    for name in (stem, stem + ".gz"):
+        p = os.path.join(data_dir, name)
+        if os.path.isfile(p):
+            return p
+    raise DataError(f"{os.path.join(data_dir, stem)}[.gz]: no such file")
+
+
+def load_idx_pair(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28*28) in [0, 1] and labels (N,) of ``split`` in {"train", "t10k"}."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: no such directory (--data-dir)")
+    ipath = _find(data_dir, f"{split}-images-idx3-ubyte")
+    lpath = _find(data_dir, f"{split}-labels-idx1-ubyte")
+    images, labels = read_idx(ipath), read_idx(lpath)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(f"{ipath}: expected unsigned-byte images of rank 3, got rank {images.ndim}")
+    if labels.ndim != 1:
+        raise DataError(f"{lpath}: expected labels of rank 1, got rank {labels.ndim}")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"{ipath}: {images.shape[0]} images but {labels.shape[0]} labels in {os.path.basename(lpath)}"
+        )
+    if images.shape[0] == 0:
+        raise DataError(f"{ipath}: no images")
+    return images.reshape(images.shape[0], -1).astype(np.float32) / 255.0, labels.astype(np.int64)
+
+
+def _read_csv(path: str) -> np.ndarray:
+    import csv
+
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f)]
+    rows = [r for r in rows if any(cell.strip() for cell in r)]  # drop blank lines
+    if not rows:
+        raise DataError(f"{path}: empty CSV file")
+
+    def parse(cell: str, i: int, j: int) -> float:
+        s = cell.strip()
+        if s == "":
+            raise DataError(f"{path}: empty cell at row {i + 1}, column {j + 1}")
+        try:
+            return float(s)
+        except ValueError:
+            raise DataError(f"{path}: not a number at row {i + 1}, column {j + 1}: {s[:40]!r}") from None
+
+    start = 0
+    first = rows[0]
+
+    def numeric(s: str) -> bool:
+        try:
+            float(s)
+            return True
+        except ValueError:
+            return False
+
+    if not any(numeric(c.strip()) for c in first):
+        start = 1  # a header row: every field is text
+    width = len(rows[start]) if start < len(rows) else 0
+    out = []
+    for i in range(start, len(rows)):
+        if len(rows[i]) != width:
+            raise DataError(f"{path}: row {i + 1} has {len(rows[i])} fields, expected {width}")
+        out.append([parse(c, i, j) for j, c in enumerate(rows[i])])
+    if not out:
+        raise DataError(f"{path}: no data rows")
+    return np.asarray(out, dtype=np.float64)
+
+
+def load_matrix(path: str) -> np.ndarray:
+    """A user's matrix from .npy, .npz (one array, or the key ``x``/``X``/``data``) or .csv."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a .npy, .npz or .csv file")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        elif ext == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                keys = list(z.keys())
+                if not keys:
+                    raise DataError(f"{path}: the .npz archive holds no arrays")
+                key = next((k for k in ("x", "X", "data") if k in keys), None)
+                if key is None and len(keys) == 1:
+                    key = keys[0]
+                if key is None:
+                    raise DataError(f"{path}: several arrays {keys}; name one of them x")
+                arr = z[key]
+        elif ext == ".csv":
+            arr = _read_csv(path)
+        else:
+            raise DataError(f"{path}: unknown file type {ext or '(none)'}; use .npy, .npz or .csv")
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: cannot read it ({msg})") from None
+    return validate_matrix(arr, path)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _split_rows(n: int, n_val: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+
+
+def _bernoulli(x: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(x, generator=g)
+
+
+def _binarize(splits: DataSplits, mode: str) -> DataSplits:
+    if mode == "none":
+        return splits
+    for name in ("train", "val", "test"):
+        check_unit_interval(getattr(splits, name), splits.source)
+    if mode == "threshold":
+        f = lambda x, s: (x >= THRESHOLD).float()  # noqa: E731
+    else:
+        f = lambda x, s: _bernoulli(x, STATIC_BINARIZE_SEED + s)  # noqa: E731
+    train = splits.train if mode == "dynamic" else f(splits.train, 0)
+    return replace(splits, train=train, val=f(splits.val, 1), test=f(splits.test, 2), binarize=mode)
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as grey levels in [0, 1] (raw 0..16 divided by 16), and labels."""
+    from sklearn.datasets import load_digits as _sk
+
+    d = _sk()
+    return d.data.astype(np.float64) / 16.0, d.target.astype(np.int64)
+
+
+def load_dataset(
+    name: str = "digits",
+    *,
+    data_dir: str | None = None,
+    data_path: str | None = None,
+    binarize: str = "none",
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    split_seed: int = 0,
+) -> DataSplits:
+    """Load a data set by name (``digits``, ``mnist``, ``fashion-mnist``) or a user's file.
+
+    ``data_path`` (a .npy/.npz/.csv matrix) wins over ``name``; its rows are split
+    into train/val/test with ``split_seed``. MNIST-style sets keep their own test
+    set and carve the validation rows out of the training set with ``split_seed``.
+    """
+    if binarize not in BINARIZE:
+        raise DataError(f"--binarize must be one of {', '.join(BINARIZE)}, got {binarize!r}")
+    for label, frac in (("--val-fraction", val_fraction), ("test fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise DataError(f"{label} must be in [0, 1), got {frac:g}")
+    to_t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    if data_path is not None:
+        x = load_matrix(data_path)
+        n = x.shape[0]
+        n_val, n_test = int(round(val_fraction * n)), int(round(test_fraction * n))
+        if n - n_val - n_test < 1:
+            raise DataError(f"{data_path}: {n} row(s) leave none for training")
+        tr, va, te = _split_rows(n, n_val, n_test, split_seed)
+        splits = DataSplits(
+            name=os.path.splitext(os.path.basename(data_path))[0],
+            train=to_t(x[tr]), val=to_t(x[va]), test=to_t(x[te]), source=data_path,
+        )
+    elif name == "digits":
+        x, _ = load_digits()
+        tr, va, te = _split_rows(x.shape[0], DIGITS_N_VAL, DIGITS_N_TEST, DIGITS_SPLIT_SEED)
+        splits = DataSplits(
+            name="digits", train=to_t(x[tr]), val=to_t(x[va]), test=to_t(x[te]),
+            image_shape=(8, 8), source="scikit-learn load_digits (8x8, levels 0..16 / 16)",
+        )
+    elif name in IDX_DATASETS:
+        if data_dir is None:
+            raise DataError(f"--dataset {name} needs --data-dir DIR holding its IDX files")
+        x_train, _ = load_idx_pair(data_dir, "train")
+        x_test, _ = load_idx_pair(data_dir, "t10k")
+        if x_train.shape[1] != x_test.shape[1]:
+            raise DataError(f"{data_dir}: train images have {x_train.shape[1]} pixels, test images {x_test.shape[1]}")
+        n = x_train.shape[0]
+        n_val = int(round(val_fraction * n))
+        tr, va, _ = _split_rows(n, n_val, 0, split_seed)
+        side = int(math.isqrt(x_train.shape[1]))
+        splits = DataSplits(
+            name=name, train=to_t(x_train[tr]), val=to_t(x_train[va]), test=to_t(x_test),
+            image_shape=(side, side) if side * side == x_train.shape[1] else None, source=data_dir,
+        )
+    else:
+        raise DataError(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)} or pass --data PATH")
+    return _binarize(splits, binarize)
+
+
+# --------------------------------------------------------------------------- mini-batches
+
+
+def _batch_key(seed: int, epoch: int, rank: int, batch: int) -> int:
+    h = seed
+    for v in (epoch, rank, batch):
+        h = (h * 1_000_003 + v + 1) % (2**63 - 1)
+    return h
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Yields ``(row_indices, key)`` per mini-batch; the order depends only on
+    (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
+
+    With ``world_size > 1`` each rank takes every ``world_size``-th row of the
+    shuffled order (padded by repetition so that every rank has the same number of
+    batches), and the indices it yields are global row indices.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _rows(self) -> torch.Tensor:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_batch_key(self.seed, self.epoch, 0, 0))
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        if self.world_size > 1:
+            total = math.ceil(self.n / self.world_size) * self.world_size
+            if total > self.n:
+                order = torch.cat([order, order[: total - self.n]])
+            order = order[self.rank :: self.world_size]
+        return order
+
+    def __len__(self) -> int:
+        per_rank = math.ceil(self.n / self.world_size)
+        return math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        rows = self._rows()
+        for b, start in enumerate(range(0, len(rows), self.batch_size)):
+            yield rows[start : start + self.batch_size], _batch_key(self.seed, self.epoch, self.rank, b + 1)
+
+
+class Rows(torch.utils.data.Dataset):
+    """``rows[(idx, key)] -> (x[idx], idx)``; with ``dynamic`` the rows are a fresh
+    Bernoulli draw of the grey levels, seeded by the batch key."""
+
+    def __init__(self, x: torch.Tensor, dynamic: bool = False):
+        self.x, self.dynamic = x, dynamic
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, item):
+        idx, key = item
+        rows = self.x[idx]
+        if self.dynamic:
+            rows = _bernoulli(rows, key)
+        return rows, idx
+
+
+def batch_loader(x: torch.Tensor, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 dynamic: bool = False, rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
+    """A DataLoader of ``(x_batch, idx)`` with whole-batch indexing (no per-row collate)."""
+    sampler = EpochBatches(int(x.shape[0]), batch_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size)
+    return torch.utils.data.DataLoader(Rows(x, dynamic), sampler=sampler, batch_size=None, num_workers=0)

@@ -1,0 +1,432 @@
+"""The one training driver: PyTorch Lightning's Trainer over an objective.
+
+``fit(model, data, config, out_dir)`` trains ``model.model`` / ``model.guide`` by
+stochastic optimization of a named objective, mini-batches carrying their row
+indices into the model's subsampled ``data`` plate. Lightning supplies the loop,
+checkpoints, early stopping and multi-process training; this module supplies:
+
+* the step (manual optimization, so that a non-finite loss or gradient is caught
+  after the backward pass and *before* the optimizer touches the parameters);
+* deterministic batches (``loaders.EpochBatches``: order a function of seed and
+  epoch) and torch/Python RNG states in the checkpoint, so a resumed run ends
+  bitwise where an uninterrupted one does;
+* checkpoints written atomically (temporary file, fsync, rename) and read back
+  with ``torch.load(weights_only=True)``: a checkpoint file cannot run code;
+* a light progress bar (tqdm, refreshed every few steps) and a per-step history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference.errors import NonFiniteError, UsageError
+from inference.files import atomic_write
+from inference.loaders import DataSplits, batch_loader
+from inference.objectives import Objective, build_objective
+
+CHECKPOINT = "checkpoint.ckpt"
+HISTORY = "history.csv"
+VAL_SEED = 20_24  # validation draws use their own fixed seed: common random numbers
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (the model's own Config says what to train)."""
+
+    objective: str = "elbo"
+    n_particles: int = 1
+    alpha: float | None = None  # Renyi alpha (objective "renyi" only)
+    lr: float = 1e-3
+    lr_final: float | None = None  # exponential decay of the rate to this value over the run
+    batch_size: int = 100
+    epochs: int | None = 10
+    steps: int | None = None  # wins over epochs when given
+    clip_norm: float | None = None
+    val_every: int | None = None  # validation ELBO every this many steps (None: each epoch)
+    patience: int | None = None  # early stopping: validations without improvement
+    val_particles: int = 1
+    seed: int = 0
+    checkpoint_every: int | None = None  # epochs between checkpoints (None: about every 100 steps)
+    threads: int | None = None
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    accelerator: str = "cpu"
+
+    def __post_init__(self):
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if self.lr_final is not None and not self.lr_final > 0:
+            raise UsageError(f"--lr-final must be positive, got {self.lr_final}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.steps is None and (self.epochs is None or self.epochs < 1):
+            raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError(f"--steps must be >= 1, got {self.steps}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise UsageError(f"--clip-norm must be positive, got {self.clip_norm}")
+        if self.val_every is not None and self.val_every < 1:
+            raise UsageError(f"--val-every must be >= 1, got {self.val_every}")
+        if self.patience is not None and self.patience < 1:
+            raise UsageError(f"--patience must be >= 1, got {self.patience}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {self.threads}")
+        if self.devices < 1 or self.num_nodes < 1:
+            raise UsageError("--devices and --num-nodes must be >= 1")
+        build_objective(self.objective, self.n_particles, self.alpha)  # validates the three
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UsageError(f"TrainConfig has no field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class FitResult:
+    """What a fit returns: the trained model, its history and timings."""
+
+    model: torch.nn.Module
+    history: list[dict] = field(default_factory=list)  # one row per step
+    validations: list[dict] = field(default_factory=list)  # step, val_elbo, its standard error
+    steps: int = 0
+    epochs: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+    checkpoint: str | None = None
+
+    @property
+    def final_loss(self) -> float:
+        """Mean per-datapoint loss (negative bound) over the last 10% of steps."""
+        if not self.history:
+            return float("nan")
+        tail = self.history[-max(1, len(self.history) // 10):]
+        return float(np.mean([r["loss"] for r in tail]))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save through ``atomic_write``: the old checkpoint or the new one, never a partial file."""
+    with atomic_write(path, binary=True) as f:
+        torch.save(obj, f)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint with ``weights_only=True`` (no code runs); errors are UsageErrors."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no checkpoint there")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError, EOFError ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{path}: refused to load the checkpoint ({first[:200]})") from None
+
+
+def _checkpoint_io():
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            atomic_torch_save(checkpoint, str(path))
+
+        def load_checkpoint(self, path, map_location=None, weights_only=None):
+            return load_checkpoint(str(path))
+
+    return AtomicCheckpointIO()
+
+
+# ----------------------------------------------------------------------------- Lightning
+
+
+def _history_to_tensor(rows: list[dict]) -> torch.Tensor:
+    return torch.tensor([[r["step"], r["epoch"], r["loss"], r["seconds"]] for r in rows],
+                        dtype=torch.float64).reshape(-1, 4)
+
+
+def _history_from_tensor(t: torch.Tensor) -> list[dict]:
+    return [{"step": int(s), "epoch": int(e), "loss": float(l), "seconds": float(sec)}
+            for s, e, l, sec in t.tolist()]
+
+
+def _make_module(model, data: DataSplits, config: TrainConfig, objective: Objective):
+    import lightning.pytorch as pl
+
+    class SVIModule(pl.LightningModule):
+        """Holds the model (and its guide); one manual-optimization step per batch."""
+
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.model = model
+            self.objective = objective
+            self.n_data = data.n_train
+            self.history: list[dict] = []
+            self.validations: list[dict] = []
+            self.t0 = time.perf_counter()
+            self.seconds_before = 0.0  # training seconds of earlier (resumed) sessions
+            self.val_sum = self.val_sq = self.val_n = 0.0
+
+        # -- data --------------------------------------------------------------
+        def train_dataloader(self):
+            return batch_loader(data.train, config.batch_size, seed=config.seed, shuffle=True,
+                                dynamic=data.binarize == "dynamic", rank=self.global_rank,
+                                world_size=self.trainer.world_size)
+
+        def val_dataloader(self):
+            return batch_loader(data.val, max(config.batch_size, 500), seed=0, shuffle=False,
+                                rank=self.global_rank, world_size=self.trainer.world_size)
+
+        def setup(self, stage=None):
+            # one seed per process; a warm-up pass creates any lazily built parameters
+            torch.manual_seed(config.seed + self.global_rank)
+            random.seed(config.seed + self.global_rank)
+            x0 = data.train[: min(config.batch_size, data.n_train)]
+            with torch.no_grad():
+                self.objective(self.model.model, self.model.guide, x0, torch.arange(x0.shape[0]))
+
+        def configure_optimizers(self):
+            opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+            if config.lr_final is None:
+                return opt
+            total = config.steps or config.epochs * len(self.train_dataloader())
+            ratio = config.lr_final / config.lr
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: ratio ** min(1.0, t / max(1, total)))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+        # -- the step ----------------------------------------------------------
+        def training_step(self, batch, batch_idx):
+            x, idx = batch
+            opt = self.optimizers()
+            opt.zero_grad(set_to_none=True)
+            loss = self.objective(self.model.model, self.model.guide, x, idx)
+            self.manual_backward(loss)
+            step = self.global_step + 1
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise NonFiniteError(f"step {step}: the loss is {loss_value}; parameters not updated", step)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
+            if not math.isfinite(norm):
+                bad = next(n for n, p in self.model.named_parameters()
+                           if p.grad is not None and not torch.isfinite(p.grad).all())
+                raise NonFiniteError(f"step {step}: the gradient of {bad} is not finite; parameters not updated",
+                                     step)
+            if config.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_norm)
+            opt.step()
+            sched = self.lr_schedulers()
+            if sched is not None:
+                sched.step()
+            self.history.append({"step": step, "epoch": self.current_epoch, "loss": loss_value / self.n_data,
+                                 "seconds": self.seconds_before + time.perf_counter() - self.t0})
+
+        # -- validation: the ELBO per datapoint, K particles, its own seed --------
+        def on_validation_epoch_start(self):
+            self.val_sum = self.val_sq = self.val_n = 0.0
+            self._rng = torch.random.fork_rng()
+            self._rng.__enter__()
+            torch.manual_seed(VAL_SEED)
+
+        def validation_step(self, batch, batch_idx):
+            from inference.evaluate import elbo_terms
+
+            x, _ = batch
+            elbo = elbo_terms(self.model, x, n_particles=config.val_particles)["elbo"]  # (B,)
+            self.val_sum += float(elbo.sum())
+            self.val_sq += float((elbo**2).sum())
+            self.val_n += elbo.shape[0]
+
+        def on_validation_epoch_end(self):
+            self._rng.__exit__(None, None, None)
+            stats = torch.tensor([self.val_sum, self.val_sq, self.val_n], dtype=torch.float64)
+            if self.trainer.world_size > 1:
+                stats = self.all_gather(stats).reshape(-1, 3).sum(0)
+            s, sq, n = stats.tolist()
+            mean = s / n
+            se = math.sqrt(max(sq / n - mean**2, 0.0) / max(n - 1, 1))
+            self.validations.append({"step": self.global_step, "val_elbo": mean, "val_elbo_se": se})
+            self.log("val_elbo", mean, prog_bar=False, logger=False, sync_dist=False)
+
+        # -- checkpoint extras: RNG states, history, elapsed time ---------------
+        def on_save_checkpoint(self, checkpoint):
+            checkpoint["elbolab"] = {
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+                "history": _history_to_tensor(self.history),
+                "validations": torch.tensor([[v["step"], v["val_elbo"], v["val_elbo_se"]] for v in self.validations],
+                                            dtype=torch.float64).reshape(-1, 3),
+                "seconds": self.seconds_before + time.perf_counter() - self.t0,
+            }
+
+        def on_load_checkpoint(self, checkpoint):
+            extra = checkpoint["elbolab"]
+            torch.set_rng_state(extra["torch_rng"])
+            random.setstate(extra["python_rng"])
+            self.history = _history_from_tensor(extra["history"])
+            self.validations = [{"step": int(a), "val_elbo": b, "val_elbo_se": c}
+                                for a, b, c in extra["validations"].tolist()]
+            self.seconds_before = float(extra["seconds"])
+            self.t0 = time.perf_counter()
+
+    return SVIModule()
+
+
+class _Progress:
+    """A tqdm bar over the steps with the running loss, refreshed every few steps."""
+
+    def __new__(cls, total: int, enabled: bool | None):
+        import lightning.pytorch as pl
+        from tqdm.auto import tqdm
+
+        class Progress(pl.Callback):
+            def __init__(self):
+                self.bar = None
+                self.every = max(1, total // 200)
+
+            def on_train_start(self, trainer, module):
+                if trainer.global_rank == 0:
+                    self.bar = tqdm(total=total, initial=trainer.global_step, desc="fit", unit="step",
+                                    disable=None if enabled is None else not enabled, dynamic_ncols=True,
+                                    mininterval=0.5)
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                if self.bar is not None and trainer.global_step % self.every == 0:
+                    self.bar.n = trainer.global_step
+                    tail = module.history[-self.every:]
+                    post = {"loss": f"{np.mean([r['loss'] for r in tail]):.3f}"}
+                    if module.validations:
+                        post["val_elbo"] = f"{module.validations[-1]['val_elbo']:.3f}"
+                    self.bar.set_postfix(post, refresh=False)
+                    self.bar.refresh()
+
+            def teardown(self, trainer, module, stage):
+                if self.bar is not None:
+                    self.bar.n = trainer.global_step
+                    self.bar.close()
+                    self.bar = None
+
+        return Progress()
+
+
+def write_history(rows: list[dict], validations: list[dict], path: str) -> None:
+    """history.csv: one row per step (loss in nats per datapoint), val columns where measured."""
+    val_at = {v["step"]: v for v in validations}
+    with atomic_write(path) as f:
+        w = csv.writer(f)
+        w.writerow(["step", "epoch", "loss", "seconds", "val_elbo", "val_elbo_se"])
+        for r in rows:
+            v = val_at.get(r["step"])
+            w.writerow([r["step"], r["epoch"], f"{r['loss']:.6f}", f"{r['seconds']:.4f}",
+                        "" if v is None else f"{v['val_elbo']:.6f}",
+                        "" if v is None else f"{v['val_elbo_se']:.6f}"])
+
+
+def check_config_for_data(config: TrainConfig, data: DataSplits) -> None:
+    """The checks that need both the training config and the data (before any work)."""
+    if config.batch_size > data.n_train:
+        raise UsageError(f"--batch-size {config.batch_size} is larger than the {data.n_train} training rows")
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Lightning's info lines (accelerator banners, tips) off for the duration of a fit."""
+    names = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None,
+        resume: bool = False, callbacks: list | None = None) -> FitResult:
+    """Train ``model`` on ``data.train`` with the Lightning Trainer.
+
+    ``out_dir``: where the checkpoint (``checkpoint.ckpt``) and ``history.csv`` go;
+    None trains without writing anything. ``resume``: continue from the checkpoint
+    in ``out_dir``. Raises NonFiniteError (before the update) on a NaN/inf loss or
+    gradient; the last checkpoint on disk stays the last good one.
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    objective = build_objective(config.objective, config.n_particles, config.alpha,
+                                getattr(model, "max_plate_nesting", 1))
+    check_config_for_data(config, data)
+    ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    if resume and (ckpt_path is None or not os.path.isfile(ckpt_path)):
+        raise UsageError(f"--resume: no checkpoint in {out_dir}")
+
+    module = _make_module(model, data, config, objective)
+    steps_per_epoch = math.ceil(math.ceil(data.n_train / (config.devices * config.num_nodes)) / config.batch_size)
+    total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
+    validate = len(data.val) > 0 and getattr(model, "amortized", True)
+    cbs = [_Progress(total, config.progress)] + list(callbacks or [])
+    if ckpt_path:
+        every = config.checkpoint_every or max(1, 100 // steps_per_epoch)
+        cbs.append(ModelCheckpoint(dirpath=out_dir, filename=CHECKPOINT[: -len(".ckpt")], save_top_k=1,
+                                   every_n_epochs=every, save_on_train_epoch_end=True,
+                                   enable_version_counter=False))
+    if validate and config.patience is not None:
+        cbs.append(EarlyStopping(monitor="val_elbo", mode="max", patience=config.patience,
+                                 check_on_train_epoch_end=False))
+    if not validate:
+        val_kwargs: dict[str, Any] = {"limit_val_batches": 0}
+    elif config.val_every is not None:  # every val_every optimizer steps, across epoch boundaries
+        val_kwargs = {"val_check_interval": config.val_every, "check_val_every_n_epoch": None}
+    else:  # at each epoch's end
+        val_kwargs = {}
+    with warnings.catch_warnings(), _quiet_lightning():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*exists and is not empty.*")
+        warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+        warnings.filterwarnings("ignore", ".*LightningModule.*has parameters that were not used.*")
+        trainer = pl.Trainer(
+            max_epochs=-1 if config.steps is not None else config.epochs,
+            max_steps=config.steps if config.steps is not None else -1,
+            accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+            strategy=config.strategy, callbacks=cbs, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=bool(ckpt_path), num_sanity_val_steps=0,
+            use_distributed_sampler=False, plugins=[_checkpoint_io()], default_root_dir=out_dir or os.getcwd(),
+            deterministic=False, **val_kwargs,
+        )
+        t0 = time.perf_counter()
+        trainer.fit(module, ckpt_path=ckpt_path if resume else None, weights_only=True)
+        seconds = time.perf_counter() - t0
+    if ckpt_path:
+        trainer.save_checkpoint(ckpt_path, weights_only=False)  # the final state (rank 0 writes)
+    if ckpt_path and trainer.global_rank == 0:
+        write_history(module.history, module.validations, os.path.join(out_dir, HISTORY))
+    return FitResult(
+        model=model, history=module.history, validations=module.validations, steps=trainer.global_step,
+        epochs=trainer.current_epoch, seconds=module.history[-1]["seconds"] if module.history else seconds,
+        stopped_early=bool(trainer.should_stop and trainer.global_step < total), checkpoint=ckpt_path,
+    )

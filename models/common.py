@@ -1,0 +1,103 @@
+"""Pieces the model families share: Config JSON round trip, MLPs, Gaussian guides.
+
+Nothing here imports ``inference``; nothing here owns an optimizer or a loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence, TypeVar
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroParam
+from torch import nn
+from torch.distributions import constraints
+
+C = TypeVar("C")
+
+ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "softplus": nn.Softplus}
+
+
+class ConfigError(ValueError):
+    """A model Config field has an impossible value (one-line message)."""
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    d = dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def config_from_dict(cls: type[C], d: dict[str, Any]) -> C:
+    """Build a frozen Config from a dict (e.g. parsed JSON); unknown keys are an error."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
+    kw = {}
+    for k, v in d.items():
+        default = fields[k].default
+        kw[k] = tuple(v) if isinstance(v, list) and isinstance(default, tuple) else v
+    return cls(**kw)
+
+
+def config_to_json(config) -> str:
+    return json.dumps(config_to_dict(config), sort_keys=True)
+
+
+def config_from_json(cls: type[C], text: str) -> C:
+    return config_from_dict(cls, json.loads(text))
+
+
+def mlp(sizes: Sequence[int], activation: str = "relu", final_activation: bool = False) -> nn.Sequential:
+    """Linear layers through ``sizes`` with ``activation`` between them."""
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2 or final_activation:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+def data_plate(n_data: int, x: torch.Tensor, idx: torch.Tensor | None):
+    """The ``data`` plate (dim=-1): the training set of ``n_data`` rows subsampled at
+    ``idx``; with ``idx=None`` the rows of ``x`` are a set of their own (scale 1)."""
+    if idx is None:
+        return pyro.plate("data", x.shape[0], dim=-1)
+    return pyro.plate("data", n_data, subsample=idx, dim=-1)
+
+
+class PerDatapointNormal(PyroModule):
+    """q(z_i) = N(loc_i, diag scale_i^2), one (loc, scale) per training row.
+
+    A table of ``n_data`` x ``latent_dim`` locations and scales, indexed by the
+    subsampled plate's row indices; it cannot infer a row it has not seen.
+    """
+
+    amortized = False
+
+    def __init__(self, n_data: int, latent_dim: int, init_scale: float = 0.1):
+        super().__init__()
+        self.n_data, self.latent_dim = n_data, latent_dim
+        self.loc = PyroParam(torch.zeros(n_data, latent_dim))
+        self.scale = PyroParam(torch.full((n_data, latent_dim), init_scale), constraint=constraints.positive)
+
+    def dist(self, x: torch.Tensor, idx: torch.Tensor | None) -> dist.Distribution:
+        if idx is None:
+            if x.shape[0] != self.n_data:
+                raise ValueError(
+                    "a per-datapoint guide needs the training-row indices idx "
+                    f"(it holds {self.n_data} rows and cannot infer new data)"
+                )
+            idx = torch.arange(self.n_data)
+        return dist.Normal(self.loc[idx], self.scale[idx]).to_event(1)  # (B,) x (latent_dim,)
+
+    @torch.no_grad()
+    def initialize(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
+        """Set every row's loc and scale, e.g. from an encoder's output."""
+        self.loc = loc.detach().clone()
+        self.scale = scale.detach().clone()

@@ -1,0 +1,246 @@
+"""Probabilistic PCA (Tipping & Bishop 1999), with its closed forms.
+
+Generative story, for each row x_i (i = 1..N) of a data matrix X (N, d)::
+
+    z_i ~ N(0, I_k)                                  z: (B, k)
+    x_i | z_i ~ N(W z_i + loc, noise_scale^2 I_d)    x: (B, d)
+
+so that x_i ~ N(loc, C) with C = W W^T + noise_scale^2 I_d (d, d) and the exact
+posterior is p(z_i | x_i) = N(M^-1 W^T (x_i - loc), noise_scale^2 M^-1) with
+M = W^T W + noise_scale^2 I_k (k, k).
+
+Parameters: ``W`` (d, k), ``loc`` (d,), ``noise_scale`` > 0 (the notes' sigma).
+
+Guides (``PPCAConfig.guide``):
+
+* ``amortized-full``: q(z|x) = N(A x + b, L L^T) with one lower-triangular L for
+  all rows; its family contains the exact posterior (whose covariance does not
+  depend on x);
+* ``amortized-diag``: q(z|x) = N(A x + b, diag(s^2)), the mean-field family; its
+  best member has the exact posterior mean and variances 1 / diag(Sigma^-1);
+* ``per-datapoint``: one (loc_i, scale_i) per training row, diagonal.
+
+Closed forms (float64, module-level so they work on any W, loc, noise_scale):
+``mle``, ``log_marginal``, ``posterior``, ``gaussian_elbo``, ``kl_gaussians``, ``em``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroParam
+from torch import nn
+from torch.distributions import constraints
+
+from models.common import ConfigError, PerDatapointNormal, data_plate
+
+GUIDES = ("amortized-full", "amortized-diag", "per-datapoint")
+
+
+@dataclass(frozen=True)
+class PPCAConfig:
+    latent_dim: int = 2
+    guide: str = "amortized-full"
+    init_scale: float = 0.1  # scale of the random initial W and of the guides' initial spread
+
+    def __post_init__(self):
+        if self.latent_dim < 1:
+            raise ConfigError(f"--latent-dim must be >= 1, got {self.latent_dim}")
+        if self.guide not in GUIDES:
+            raise ConfigError(f"--guide for ppca must be one of {', '.join(GUIDES)}, got {self.guide!r}")
+        if not self.init_scale > 0:
+            raise ConfigError(f"init_scale must be > 0, got {self.init_scale}")
+
+
+class LinearGaussianEncoder(PyroModule):
+    """q(z|x) = N(A x + b, L L^T) (full) or N(A x + b, diag(s^2)) (diagonal);
+    the covariance is shared by all rows."""
+
+    amortized = True
+
+    def __init__(self, data_dim: int, latent_dim: int, full: bool, init_scale: float):
+        super().__init__()
+        self.full = full
+        self.linear = nn.Linear(data_dim, latent_dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        if full:
+            self.scale_tril = PyroParam(init_scale * torch.eye(latent_dim), constraint=constraints.lower_cholesky)
+        else:
+            self.scale = PyroParam(torch.full((latent_dim,), init_scale), constraint=constraints.positive)
+
+    def dist(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dist.Distribution:
+        loc = self.linear(x)  # (B, k)
+        if self.full:
+            return dist.MultivariateNormal(loc, scale_tril=self.scale_tril)  # batch (B,), event (k,)
+        return dist.Normal(loc, self.scale.expand_as(loc)).to_event(1)
+
+
+class PPCA(PyroModule):
+    """The PPCA model and its guide; ``model(x, idx)`` / ``guide(x, idx)`` take x (B, d)."""
+
+    likelihood = "gaussian"
+    max_plate_nesting = 1
+
+    def __init__(self, config: PPCAConfig, data_dim: int, n_data: int):
+        super().__init__()
+        if config.latent_dim > data_dim:
+            raise ConfigError(
+                f"--latent-dim {config.latent_dim} is larger than the data dimension {data_dim}"
+            )
+        self.config, self.data_dim, self.n_data = config, data_dim, n_data
+        self.latent_dim = k = config.latent_dim
+        self.W = PyroParam(config.init_scale * torch.randn(data_dim, k))
+        self.loc = PyroParam(torch.zeros(data_dim))
+        self.noise_scale = PyroParam(torch.tensor(1.0), constraint=constraints.positive)
+        if config.guide == "per-datapoint":
+            self.encoder = PerDatapointNormal(n_data, k, config.init_scale)
+        else:
+            self.encoder = LinearGaussianEncoder(data_dim, k, config.guide == "amortized-full", config.init_scale)
+
+    @property
+    def amortized(self) -> bool:
+        """Whether the guide can infer rows it was not trained on."""
+        return self.encoder.amortized
+
+    def model(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        W, loc, noise_scale = self.W, self.loc, self.noise_scale  # (d, k), (d,), ()
+        with data_plate(self.n_data, x, idx):
+            prior = dist.Normal(x.new_zeros(()), 1.0).expand([self.latent_dim]).to_event(1)
+            z = pyro.sample("z", prior)  # (..., B, k)
+            pyro.sample("x", dist.Normal(z @ W.T + loc, noise_scale).to_event(1), obs=x)  # (..., B, d)
+
+    def guide(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        with data_plate(self.n_data, x, idx):
+            pyro.sample("z", self.encoder.dist(x, idx))
+
+    # -- closed forms at the current parameters ----------------------------------
+
+    def params64(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W, loc, noise_scale) detached, float64."""
+        with torch.no_grad():
+            return self.W.double(), self.loc.double(), self.noise_scale.double()
+
+    def exact_log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(x_i) per row (N,), float64."""
+        return log_marginal(x, *self.params64())
+
+    def closed_form_metrics(self, data) -> dict:
+        """Exact log-likelihoods per datapoint at the fitted parameters, and the
+        closed-form maximum on the same training rows (nats per datapoint)."""
+        out = {"train_log_likelihood": float(self.exact_log_likelihood(data.train).mean())}
+        if data.val.shape[0]:
+            out["val_log_likelihood"] = float(self.exact_log_likelihood(data.val).mean())
+        if data.test.shape[0]:
+            out["test_log_likelihood"] = float(self.exact_log_likelihood(data.test).mean())
+        if self.latent_dim < self.data_dim:
+            W, loc, noise_scale = mle(data.train, self.latent_dim)
+            out["mle_log_likelihood"] = float(log_marginal(data.train, W, loc, noise_scale).mean())
+        return out
+
+    def exact_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(z_i | x_i) = N(loc_i, cov): loc (N, k) and the shared cov (k, k), float64."""
+        return posterior(x, *self.params64())
+
+
+# ------------------------------------------------------------------------------ closed forms
+
+
+def sample_covariance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (d,), the 1/N sample covariance (d, d)), float64."""
+    x = x.double()
+    mean = x.mean(0)
+    xc = x - mean
+    return mean, xc.T @ xc / x.shape[0]
+
+
+def mle(x: torch.Tensor, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tipping & Bishop's maximum-likelihood (W, loc, noise_scale), float64.
+
+    loc = data mean; noise_scale^2 = mean of the d - k smallest eigenvalues of the
+    1/N sample covariance; W = U_k (Lambda_k - noise_scale^2 I)^(1/2) (the rotation
+    R = I of the family of solutions W R).
+    """
+    d = x.shape[1]
+    if not 1 <= latent_dim < d:
+        raise ConfigError(f"the closed-form PPCA needs 1 <= latent_dim < d = {d}, got {latent_dim}")
+    mean, cov = sample_covariance(x)
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    noise_var = evals[latent_dim:].mean().clamp_min(1e-12)
+    W = evecs[:, :latent_dim] * (evals[:latent_dim] - noise_var).clamp_min(0.0).sqrt()
+    return W, mean, noise_var.sqrt()
+
+
+def marginal_covariance(W: torch.Tensor, noise_scale: torch.Tensor) -> torch.Tensor:
+    return W @ W.T + noise_scale**2 * torch.eye(W.shape[0], dtype=W.dtype)
+
+
+def log_marginal(x: torch.Tensor, W: torch.Tensor, loc: torch.Tensor, noise_scale: torch.Tensor) -> torch.Tensor:
+    """log N(x_i; loc, W W^T + noise_scale^2 I) per row (N,), float64."""
+    W, loc, noise_scale = W.double(), loc.double(), torch.as_tensor(noise_scale).double()
+    C = marginal_covariance(W, noise_scale)
+    return torch.distributions.MultivariateNormal(loc, covariance_matrix=C).log_prob(x.double())
+
+
+def posterior(x: torch.Tensor, W: torch.Tensor, loc: torch.Tensor, noise_scale: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact p(z_i | x_i): means (N, k) and the shared covariance noise_scale^2 M^-1 (k, k)."""
+    W, loc, noise_var = W.double(), loc.double(), torch.as_tensor(noise_scale).double() ** 2
+    M = W.T @ W + noise_var * torch.eye(W.shape[1], dtype=W.dtype)
+    Minv = torch.linalg.inv(M)
+    return (x.double() - loc) @ W @ Minv.T, noise_var * Minv
+
+
+def gaussian_elbo(x: torch.Tensor, W: torch.Tensor, loc: torch.Tensor, noise_scale: torch.Tensor,
+                  q_loc: torch.Tensor, q_cov: torch.Tensor) -> torch.Tensor:
+    """The exact ELBO per row for q(z_i) = N(q_loc_i, q_cov) (q_cov (k, k) or (N, k, k))."""
+    x, W, loc, q_loc, q_cov = (t.double() for t in (x, W, loc, q_loc, q_cov))
+    noise_var = torch.as_tensor(noise_scale).double() ** 2
+    d, k = W.shape
+    resid = x - loc - q_loc @ W.T  # (N, d)
+    trace_wsw = torch.einsum("ij,...jl,il->...", W, q_cov, W)  # tr(W S W^T)
+    expected_loglik = -0.5 * d * torch.log(2 * math.pi * noise_var) - 0.5 * (
+        (resid**2).sum(-1) + trace_wsw) / noise_var
+    expected_logprior = -0.5 * k * math.log(2 * math.pi) - 0.5 * (
+        (q_loc**2).sum(-1) + torch.diagonal(q_cov, dim1=-2, dim2=-1).sum(-1))
+    entropy = 0.5 * k * math.log(2 * math.pi * math.e) + 0.5 * torch.logdet(q_cov)
+    return expected_loglik + expected_logprior + entropy
+
+
+def kl_gaussians(loc_q: torch.Tensor, cov_q: torch.Tensor, loc_p: torch.Tensor, cov_p: torch.Tensor) -> torch.Tensor:
+    """KL(N(loc_q, cov_q) || N(loc_p, cov_p)), batched over leading dims, float64."""
+    q = torch.distributions.MultivariateNormal(loc_q.double(), covariance_matrix=cov_q.double())
+    p = torch.distributions.MultivariateNormal(loc_p.double(), covariance_matrix=cov_p.double())
+    return torch.distributions.kl_divergence(q, p)
+
+
+def em(x: torch.Tensor, latent_dim: int, steps: int = 1000, tol: float = 1e-10, seed: int = 0,
+       W: torch.Tensor | None = None, noise_scale: float = 1.0):
+    """Tipping & Bishop's EM for PPCA in float64, from random W (or the given one).
+
+    Returns (W, loc, noise_scale, n_steps, mean log-likelihood per step (list)).
+    Stops when the mean log-likelihood improves by less than ``tol`` nats per row.
+    """
+    x = x.double()
+    n, d = x.shape
+    mean, S = sample_covariance(x)
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d, latent_dim, generator=g, dtype=torch.float64) if W is None else W.double().clone()
+    noise_var = torch.tensor(float(noise_scale) ** 2, dtype=torch.float64)
+    history = []
+    eye_k = torch.eye(latent_dim, dtype=torch.float64)
+    for step in range(1, steps + 1):
+        M_inv = torch.linalg.inv(W.T @ W + noise_var * eye_k)
+        SW = S @ W
+        W_new = SW @ torch.linalg.inv(noise_var * eye_k + M_inv @ W.T @ SW)
+        noise_var = torch.trace(S - SW @ M_inv @ W_new.T) / d
+        W = W_new
+        history.append(float(log_marginal(x, W, mean, noise_var.sqrt()).mean()))
+        if step > 1 and history[-1] - history[-2] < tol:
+            break
+    return W, mean, noise_var.sqrt(), step, history

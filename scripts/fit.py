@@ -1,0 +1,182 @@
+"""Fit a model by stochastic variational inference and write a run directory.
+
+Writes into --out DIR: config.json (everything needed to rebuild the run),
+checkpoint.ckpt, history.csv (per step), metrics.json (train / validation / test
+ELBO in nats per datapoint with standard errors, steps, seconds, the config, and a
+model's exact numbers where it has them) and loss_curve.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+import models
+from inference.errors import UsageError
+from inference.evaluate import elbo_estimate
+from inference.files import save_json
+from inference.train import TrainConfig, check_config_for_data, fit
+from scripts import _cli
+
+PROG = "fit.py"
+MODEL_FLAGS = {  # CLI flag -> Config field; a flag the chosen model has no field for is an error
+    "guide": "guide", "latent_dim": "latent_dim", "hidden": "hidden", "activation": "activation",
+    "n_components": "n_components",
+}
+RESUME_FLAGS = {"epochs", "steps", "threads", "progress", "resume"}
+
+EXAMPLES = """examples:
+  python -m scripts.fit --model ppca --latent-dim 10 --out runs/ppca
+  python -m scripts.fit --model ppca --data X.npy --latent-dim 3 --out runs/mine
+  python -m scripts.fit --resume runs/ppca --epochs 50
+"""
+
+
+def build_parser():
+    p = _cli.parser(PROG, __doc__, EXAMPLES)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="ppca", choices=models.model_names(), help="model family")
+    g.add_argument("--guide", default=None, help="guide family (the model's default if omitted; "
+                   "ppca: amortized-full, amortized-diag, per-datapoint)")
+    g.add_argument("--latent-dim", type=_cli.positive_int, default=None, help="latent dimension k")
+    g.add_argument("--hidden", type=_cli.int_list, default=None, help="hidden layer sizes, e.g. 300,300")
+    g.add_argument("--activation", default=None, help="hidden activation: relu, elu, tanh, softplus")
+    g.add_argument("--n-components", type=_cli.positive_int, default=None, help="mixture prior components")
+    _cli.add_data_args(p)
+    _cli.add_train_args(p)
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-particles", type=_cli.positive_int, default=10,
+                   help="samples per datapoint for the reported ELBO")
+    _cli.add_out_args(p, resume=True)
+    return p
+
+
+def _spec_from_args(p, args) -> dict:
+    model_cls = models.config_class(args.model)
+    fields = set(model_cls.__dataclass_fields__)
+    values = {}
+    for flag, field in MODEL_FLAGS.items():
+        v = getattr(args, flag)
+        if v is None:
+            continue
+        if field not in fields:
+            raise UsageError(f"--{flag.replace('_', '-')} does not apply to --model {args.model}")
+        values[field] = v
+    model_config = models.make_config(args.model, values)  # validates
+    train = TrainConfig.from_dict(_cli.train_values(args))  # validates
+    likelihood = models.REGISTRY[args.model][1].likelihood
+    return {"model": args.model, "model_config": models.config_to_dict(model_config),
+            "train": train.to_dict(), "data": _cli.data_spec(args, likelihood),
+            "eval": {"eval_particles": args.eval_particles}}
+
+
+def _resume_spec(p, args, argv) -> dict:
+    given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
+             if a.startswith("--")}
+    extra = sorted(given - RESUME_FLAGS - {"no_progress"})
+    if extra:
+        raise UsageError(f"--resume uses the run's own config.json; these flags cannot change it: "
+                         + ", ".join("--" + e.replace("_", "-") for e in extra))
+    path = os.path.join(args.resume, "config.json")
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--resume {args.resume}: no config.json there (not a run directory)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: unreadable ({e})") from None
+    for key in ("epochs", "steps", "threads", "progress"):
+        if key in given or (key == "progress" and "no_progress" in given):
+            spec["train"][key] = getattr(args, key)
+    if "steps" in given:
+        spec["train"]["epochs"] = None
+    return spec
+
+
+def run(spec: dict, out: str, overwrite: bool, resume: bool) -> dict:
+    train = TrainConfig.from_dict(spec["train"])
+    model_cls = models.REGISTRY[spec["model"]][1]
+    data = _cli.load_data(spec["data"], model_cls.likelihood)
+    check_config_for_data(train, data)
+    torch.manual_seed(train.seed)
+    model = models.build_model(spec["model"], spec["model_config"], data.data_dim, data.n_train)
+    run_dir = _cli.RunDir(out, overwrite=overwrite, resume=resume)
+    with run_dir:
+        if overwrite and not resume:
+            for name in ("checkpoint.ckpt", "metrics.json", "history.csv"):
+                if os.path.exists(run_dir.file(name)):
+                    os.unlink(run_dir.file(name))
+        spec = {**spec, "data_info": data.describe()}
+        save_json(spec, run_dir.file("config.json"))
+        t0 = time.perf_counter()
+        result = fit(model, data, train, out_dir=out, resume=resume)
+        metrics = evaluate_run(model, data, spec, result)
+        metrics["wall_seconds"] = time.perf_counter() - t0
+        save_json(metrics, run_dir.file("metrics.json"))
+        from inference.plots import loss_curve
+
+        ref = metrics.get("mle_log_likelihood")
+        loss_curve(result.history, result.validations, run_dir.file("loss_curve.png"),
+                   title=f"{spec['model']} / {train.objective} on {data.name}", reference=ref,
+                   reference_label="closed-form max log-likelihood" if ref is not None else "")
+    return metrics
+
+
+def evaluate_run(model, data, spec, result) -> dict:
+    """The reported numbers: ELBO (and its terms) per datapoint on each split."""
+    k = spec["eval"]["eval_particles"]
+    torch.manual_seed(spec["train"]["seed"] + 1)
+    model.eval()
+    splits = {"train": (data.train, torch.arange(data.n_train))}
+    if getattr(model, "amortized", True):
+        splits.update({"val": (data.val, None), "test": (data.test, None)})
+    metrics: dict = {
+        "model": spec["model"], "config": spec, "data": data.describe(),
+        "steps": result.steps, "epochs": result.epochs, "seconds": result.seconds,
+        "stopped_early": result.stopped_early, "final_train_loss": result.final_loss,
+        "units": "nats per datapoint",
+    }
+    if data.binarize == "dynamic":
+        # the training rows evaluated at one fixed draw of their binarization
+        g = torch.Generator().manual_seed(0)
+        splits["train"] = (torch.bernoulli(data.train, generator=g), splits["train"][1])
+    for name, (x, rows) in splits.items():
+        if x.shape[0] == 0:
+            continue
+        est = elbo_estimate(model, x, rows, n_particles=k)
+        metrics[f"{name}_elbo"] = est["elbo"].to_dict()
+        metrics[f"{name}_recon"] = est["recon"].to_dict()
+        metrics[f"{name}_kl"] = est["kl"].to_dict()
+    extra = getattr(model, "closed_form_metrics", None)
+    if extra is not None:
+        metrics.update(extra(data))
+    return metrics
+
+
+@_cli.guarded(PROG)
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.resume:
+        spec = _resume_spec(p, args, argv)
+        out, overwrite, resume = args.resume, False, True
+    else:
+        if args.out is None:
+            raise UsageError("--out DIR is required (or --resume DIR)")
+        spec = _spec_from_args(p, args)
+        out, overwrite, resume = args.out, args.overwrite, False
+    metrics = run(spec, out, overwrite, resume)
+    line = f"{spec['model']}: train ELBO {metrics['train_elbo']['mean']:.3f} ± {metrics['train_elbo']['se']:.3f}"
+    if "test_elbo" in metrics:
+        line += f", test ELBO {metrics['test_elbo']['mean']:.3f} ± {metrics['test_elbo']['se']:.3f}"
+    line += f" nats/datapoint; {metrics['steps']} steps in {metrics['seconds']:.1f} s -> {out}/metrics.json"
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

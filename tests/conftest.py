@@ -1,0 +1,43 @@
+"""Shared test set-up: validation on, fixed seeds, a clean parameter store per test,
+and where the real data sets live (tests that need them skip when they are absent)."""
+
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+import models  # noqa: F401  (sets module-local parameters)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+MNIST_DIR = os.path.join(SHARED_DATA, "mnist")
+FASHION_DIR = os.path.join(SHARED_DATA, "fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    pyro.enable_validation(True)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    pyro.clear_param_store()
+
+
+def run_script(name: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m scripts.NAME ARGS`` from the repository root; capture its output."""
+    return subprocess.run([sys.executable, "-m", f"scripts.{name}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def needs_mnist():
+    return pytest.mark.skipif(not os.path.isdir(MNIST_DIR), reason=f"real MNIST not found at {MNIST_DIR}")

@@ -1,0 +1,119 @@
+"""Every script, run tiny: its outputs, its --help, and its answers to bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import run_script
+from scripts import fit as fit_script
+
+SCRIPTS = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "scripts"))
+                 if f.endswith(".py") and not f.startswith("_"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help(name):
+    r = run_script(name, "--help", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "usage:" in r.stdout and "--seed" in r.stdout
+
+
+def test_fit_ppca_writes_a_run(tmp_path):
+    out = tmp_path / "run"
+    code = fit_script.main(["--model", "ppca", "--latent-dim", "5", "--epochs", "15", "--lr", "0.03",
+                            "--out", str(out), "--no-progress"])
+    assert code == 0
+    for f in ("metrics.json", "history.csv", "checkpoint.ckpt", "loss_curve.png", "config.json"):
+        assert (out / f).is_file(), f
+    assert not (out / ".lock").exists()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 15 * 13 and m["units"] == "nats per datapoint"
+    # The ELBO is a lower bound of the exact log-likelihood at the same parameters:
+    # allow 3 standard errors of the Monte Carlo ELBO mean.
+    assert m["train_elbo"]["mean"] <= m["train_log_likelihood"] + 3 * m["train_elbo"]["se"]
+    # and the exact log-likelihood cannot exceed the closed-form maximum (1e-6: float64 round-off)
+    assert m["train_log_likelihood"] <= m["mle_log_likelihood"] + 1e-6
+    rows = (out / "history.csv").read_text().splitlines()
+    assert rows[0].startswith("step,epoch,loss") and len(rows) == 1 + 15 * 13
+
+
+def test_fit_user_csv(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 2)) @ rng.normal(size=(2, 6)) + 0.1 * rng.normal(size=(300, 6))
+    np.savetxt(tmp_path / "x.csv", x, delimiter=",")
+    out = tmp_path / "run"
+    assert fit_script.main(["--model", "ppca", "--data", str(tmp_path / "x.csv"), "--latent-dim", "2",
+                            "--epochs", "3", "--out", str(out), "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data"]["n_train"] == 240 and m["data"]["data_dim"] == 6
+
+
+def _bad(capsys, argv):
+    code = fit_script.main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/nonexistent/x.npy"], "/nonexistent/x.npy: no such file"),
+    (["--latent-dim", "100"], "--latent-dim 100 is larger than the data dimension 64"),
+    (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1257 training rows"),
+    (["--objective", "renyi", "--alpha", "1"], "--alpha 1 is not a Renyi bound"),
+    (["--alpha", "0.5"], "--alpha applies to --objective renyi only"),
+    (["--n-components", "3"], "--n-components does not apply to --model ppca"),
+    (["--guide", "nope"], "--guide for ppca must be one of"),
+    (["--dataset", "mnist"], "--dataset mnist needs --data-dir"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    code, err = _bad(capsys, argv + ["--out", str(out), "--epochs", "1"])
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()  # nothing created
+
+
+def test_bad_data_file_contents(tmp_path, capsys):
+    (tmp_path / "x.csv").write_text("1,2,3\n4,nan,6\n")
+    code, err = _bad(capsys, ["--data", str(tmp_path / "x.csv"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "x.csv: 1 non-finite value(s); first is NaN at row 1, column 1" in err
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("precious")
+    code, err = _bad(capsys, ["--out", str(out), "--epochs", "1"])
+    assert code == 2 and "not empty; pass --overwrite" in err
+    assert (out / "metrics.json").read_text() == "precious"
+    assert fit_script.main(["--out", str(out), "--epochs", "1", "--overwrite", "--no-progress"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 13
+
+
+def test_locked_run_dir_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(str(os.getppid()))  # a live process holds it
+    code, err = _bad(capsys, ["--out", str(out), "--epochs", "1", "--overwrite"])
+    assert code == 2 and "another run (pid" in err
+    (out / ".lock").write_text("999999999")  # a dead one: stale, taken over
+    assert fit_script.main(["--out", str(out), "--epochs", "1", "--overwrite", "--no-progress"]) == 0
+
+
+def test_resume_refuses_changed_flags(tmp_path, capsys):
+    code, err = _bad(capsys, ["--resume", str(tmp_path), "--lr", "0.1"])
+    assert code == 2 and "cannot change it: --lr" in err
+    code, err = _bad(capsys, ["--resume", str(tmp_path / "nope")])
+    assert code == 2 and "no config.json" in err
+
+
+def test_bad_flag_in_a_real_process(tmp_path):
+    r = run_script("fit", "--lr", "-3", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--lr: must be a positive finite number" in lines[0]
+    r = run_script("fit", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"fit.py: error: {tmp_path / 'missing.csv'}: no such file"]
+    assert not (tmp_path / "o").exists()

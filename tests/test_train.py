@@ -1,0 +1,170 @@
+"""The training driver: steps, history, non-finite stops, checkpoints, SIGKILL resume."""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pyro
+import pytest
+import torch
+
+import models
+from inference import loaders
+from inference.errors import NonFiniteError, UsageError
+from inference.train import CHECKPOINT, TrainConfig, fit, load_checkpoint
+from conftest import ROOT
+
+
+def digits(n=None):
+    d = loaders.load_dataset("digits")
+    if n:
+        d = loaders.DataSplits("digits", d.train[:n], d.val[:50], d.test[:50], image_shape=(8, 8))
+    return d
+
+
+def ppca(data, k=3, guide="amortized-full"):
+    torch.manual_seed(0)
+    return models.build_model("ppca", {"latent_dim": k, "guide": guide}, data.data_dim, data.n_train)
+
+
+def test_fit_counts_steps_and_records_history():
+    data = digits(250)
+    m = ppca(data)
+    res = fit(m, data, TrainConfig(epochs=3, batch_size=60, lr=0.05, progress=False))
+    assert res.steps == 3 * 5 and len(res.history) == 15  # ceil(250/60) = 5 batches per epoch
+    assert [r["step"] for r in res.history] == list(range(1, 16))
+    assert res.history[-1]["loss"] < res.history[0]["loss"]  # it learns
+    assert res.validations and all("val_elbo" in v for v in res.validations)
+
+
+def test_lr_decays_to_lr_final():
+    data = digits(200)
+    m = ppca(data)
+    seen = []
+
+    class Spy(__import__("lightning.pytorch").pytorch.Callback):
+        def on_train_batch_end(self, trainer, module, *a):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    fit(m, data, TrainConfig(steps=20, batch_size=50, lr=0.1, lr_final=0.001, progress=False), callbacks=[Spy()])
+    assert seen[0] < 0.1 and abs(seen[-1] - 0.001) < 1e-9
+
+
+class PoisonedPPCA(models.ppca.PPCA):
+    """PPCA whose log density turns NaN at one step (counting model calls in training)."""
+
+    poison_at = None
+    calls = 0
+
+    def model(self, x, idx=None):
+        if idx is not None and x.shape[0] == self.batch:
+            type(self).calls += 1
+            if type(self).calls == self.poison_at:
+                with pyro.validation_enabled(False):  # validation would refuse the NaN itself
+                    pyro.factor("poison", torch.tensor(float("nan")))
+        return super().model(x, idx)
+
+
+def test_nonfinite_loss_stops_before_the_update(tmp_path):
+    data = digits(200)
+    cfg = TrainConfig(steps=30, batch_size=40, lr=0.05, progress=False, val_every=1000)
+
+    def run(poison_at):
+        torch.manual_seed(0)
+        m = PoisonedPPCA(models.ppca.PPCAConfig(latent_dim=3), data.data_dim, data.n_train)
+        m.batch, PoisonedPPCA.poison_at, PoisonedPPCA.calls = 40, poison_at, 0
+        return m
+
+    bad = run(poison_at=13)  # call 1 is the warm-up pass, so step 12 is poisoned
+    with pytest.raises(NonFiniteError, match="step 12: the loss is nan; parameters not updated") as e:
+        fit(bad, data, cfg)
+    assert e.value.step == 12
+    good = run(poison_at=None)
+    fit(good, data, TrainConfig(**{**cfg.to_dict(), "steps": 11}))
+    for (n, p), (_, q) in zip(bad.named_parameters(), good.named_parameters()):
+        assert torch.equal(p, q), n  # exactly the state after 11 good steps
+
+
+def test_checkpoint_round_trip_and_resume_in_process(tmp_path):
+    data = digits(200)
+    cfg = TrainConfig(epochs=6, batch_size=50, lr=0.05, progress=False, checkpoint_every=1)
+    full = ppca(data)
+    fit(full, data, cfg, out_dir=str(tmp_path / "a"))
+    part = ppca(data)
+    fit(part, data, TrainConfig(**{**cfg.to_dict(), "epochs": 3}), out_dir=str(tmp_path / "b"))
+    resumed = ppca(data)
+    res = fit(resumed, data, cfg, out_dir=str(tmp_path / "b"), resume=True)
+    assert res.steps == 24 and len(res.history) == 24
+    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert float((p - q).detach().abs().max()) <= 1e-6, n
+    ck = load_checkpoint(str(tmp_path / "b" / CHECKPOINT))
+    assert ck["global_step"] == 24 and "torch_rng" in ck["elbolab"]
+
+
+def test_hostile_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": Evil()}, f, protocol=2)
+    with pytest.raises(UsageError, match="refused to load the checkpoint"):
+        load_checkpoint(str(path))
+    assert not marker.exists()
+
+
+def test_bad_train_config():
+    for kw, msg in [({"lr": 0.0}, "--lr"), ({"lr": -1.0}, "--lr"), ({"n_particles": 0}, "--n-particles"),
+                    ({"objective": "renyi", "alpha": 1.0}, "--alpha 1"), ({"objective": "nope"}, "unknown"),
+                    ({"batch_size": 0}, "--batch-size"), ({"epochs": 0}, "--epochs")]:
+        with pytest.raises(UsageError, match=msg):
+            TrainConfig(**kw)
+    data = digits(30)
+    with pytest.raises(UsageError, match="larger than the 30 training rows"):
+        fit(ppca(data), data, TrainConfig(batch_size=31, progress=False))
+
+
+def _final_params(run_dir):
+    return load_checkpoint(os.path.join(run_dir, CHECKPOINT))["state_dict"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    """Kill a run with SIGKILL part-way, resume it, and end where an uninterrupted run ends."""
+    args = ["--model", "ppca", "--latent-dim", "4", "--epochs", "40", "--batch-size", "25",
+            "--lr", "0.02", "--checkpoint-every", "1", "--threads", "1", "--seed", "7", "--no-progress",
+            "--eval-particles", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    a = str(tmp_path / "a")
+    done = subprocess.run([sys.executable, "-m", "scripts.fit", *args, "--out", a], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    b = str(tmp_path / "b")
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.fit", *args, "--out", b], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(b, CHECKPOINT)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if os.path.exists(ckpt):
+            step = load_checkpoint(ckpt)["global_step"]
+            if step >= 10 * 51:  # well into the run (51 steps an epoch)
+                break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step_killed = load_checkpoint(ckpt)["global_step"]
+    assert 0 < step_killed < 40 * 51, "the kill must land part-way"
+    assert not os.path.exists(os.path.join(b, "metrics.json"))
+    res = subprocess.run([sys.executable, "-m", "scripts.fit", "--resume", b, "--no-progress"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    pa, pb = _final_params(a), _final_params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert float((pa[k] - pb[k]).abs().max()) <= 1e-6, k
+    assert load_checkpoint(ckpt)["global_step"] == 40 * 51
