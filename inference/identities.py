@@ -31,6 +31,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -630,7 +631,7 @@ class GaussianApproximation(PyroModule):
 
 
 def _gauss_hermite(n: int = 80) -> tuple[torch.Tensor, torch.Tensor]:
-    import numpy as np
+    """Nodes and weights for E_{N(0,1)}[f(sqrt(2) t)] = sum_i w_i f(sqrt(2) t_i)."""
     t, w = np.polynomial.hermite.hermgauss(n)
     return torch.tensor(t, dtype=F64), torch.tensor(w / math.sqrt(math.pi), dtype=F64)
 
@@ -644,8 +645,9 @@ def reverse_kl(target, loc: torch.Tensor, scale: torch.Tensor, n_nodes: int = 80
 
 
 def reverse_kl_optimum(target, loc0: float, scale0: float) -> tuple[float, float]:
-    """argmin over Gaussians of KL(q || target) from (loc0, scale0) (L-BFGS on quadrature):
-    the reference the Trace_ELBO fit is measured against."""
+    """The local minimum of KL(q || target) over Gaussians q that L-BFGS (on the quadrature)
+    reaches from (loc0, scale0): started at the Trace_ELBO fit, the optimum that fit should
+    have found. (Reverse KL has one such minimum per mode, and a saddle between them.)"""
     loc = torch.tensor(loc0, dtype=F64, requires_grad=True)
     log_scale = torch.tensor(math.log(scale0), dtype=F64, requires_grad=True)
     opt = torch.optim.LBFGS([loc, log_scale], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14,

@@ -85,7 +85,8 @@ def build_parser():
     p.add_argument("--latent-dim", type=_cli.positive_int, default=2,
                    help="PPCA latent dimension k for the PPCA rows (2-4, 6, 7, 9)")
     p.add_argument("--quick", action="store_true", help="fewer samples and steps (a smoke test; wider errors)")
-    p.add_argument("--threads", type=_cli.positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=_cli.positive_int, default=1,
+                   help="torch CPU threads (the tensors here are small: one thread is fastest on a shared machine)")
     _cli.add_out_args(p, default="runs/demos")
     return p
 
@@ -314,8 +315,7 @@ def markdown(metrics: dict, rows: list[ids.Row]) -> str:
 @_cli.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     run_dir = _cli.RunDir(args.out, overwrite=args.overwrite)
     run_dir.check()
     t0 = time.perf_counter()

@@ -17,6 +17,12 @@ from scripts import demos
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors on a shared 2-core machine: one thread is faster (conftest restores it)."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def digits():
     d = load_dataset("digits")
@@ -279,15 +285,16 @@ def test_gradient_rows_on_ppca(ppca2, digits):
 
 def test_single_sample_variance_from_group_means(ppca2, digits):
     """tr Var of one sample, from groups of 10 particles, equals the one from single-particle
-    draws (40 groups each: the two estimates have relative errors of ~25 %; allow a factor 1.8)."""
+    draws (20 groups each: each estimate has a relative error of ~30 %, their ratio ~45 %;
+    allow a factor 2.5, against the factor 10 a missing rescaling would make)."""
     _, test = digits
     x = test[:10]
     params = [ppca2.encoder.linear.weight, ppca2.encoder.linear.bias, ppca2.encoder.scale_tril_unconstrained]
     one = ids._single_sample_variance(ids.gradient_draws(ppca2.model, ppca2.guide, params, (x, None), "reparam",
-                                                         40, 1), 1)[0]
+                                                         20, 1), 1)[0]
     ten = ids._single_sample_variance(ids.gradient_draws(ppca2.model, ppca2.guide, params, (x, None), "reparam",
-                                                         40, 10), 10)[0]
-    assert 1 / 1.8 < ten / one < 1.8
+                                                         20, 10), 10)[0]
+    assert 1 / 2.5 < ten / one < 2.5
 
 
 def test_gradient_unbiasedness_fails_for_a_wrong_gradient(ppca2, digits):
