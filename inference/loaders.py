@@ -18,10 +18,13 @@ Binarization (for Bernoulli decoders):
 
 from __future__ import annotations
 
+import csv
 import gzip
 import math
 import os
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -41,6 +44,14 @@ DIGITS_SPLIT_SEED = 0
 DIGITS_N_VAL = 270
 DIGITS_N_TEST = 270
 STATIC_BINARIZE_SEED = 1234  # the seed of the one "static" Bernoulli draw
+# A file's header is checked against the bytes actually there before anything is
+# allocated; a gzip stream (whose size is unknown until read) is read in chunks and
+# may declare at most this many payload bytes (1 GiB: 1.3 million 28x28 images).
+MAX_GZIP_PAYLOAD = 1 << 30
+_CHUNK = 1 << 22
+# Errors a corrupt or hostile file can raise while being read.
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, zipfile.BadZipFile, csv.Error,
+                NotImplementedError, struct.error)
 
 
 @dataclass(frozen=True)
@@ -99,7 +110,7 @@ def validate_matrix(arr, source: str) -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[:, None]
     elif arr.ndim == 3:
-        arr = arr.reshape(arr.shape[0], -1)
+        arr = arr.reshape(arr.shape[0], arr.shape[1] * arr.shape[2])
     elif arr.ndim != 2:
         raise DataError(
             f"{source}: expected a matrix (N, D), N images (N, H, W) or a vector, "
@@ -115,6 +126,11 @@ def validate_matrix(arr, source: str) -> np.ndarray:
         raise DataError(
             f"{source}: {int(bad.sum())} non-finite value(s); first is {kind} at row {r}, column {c}"
         )
+    big = np.abs(arr) > np.finfo(np.float32).max  # finite here, infinite once in float32
+    if big.any():
+        r, c = np.argwhere(big)[0]
+        raise DataError(f"{source}: {int(big.sum())} value(s) too large for float32 (|x| > 3.4e38); "
+                        f"first is {arr[r, c]:g} at row {r}, column {c}")
     return arr
 
 
@@ -142,10 +158,9 @@ def check_binary(x: torch.Tensor, source: str) -> None:
 # --------------------------------------------------------------------------- readers
 
 
-def _open_maybe_gz(path: str):
+def _is_gzip(path: str) -> bool:
     with open(path, "rb") as f:
-        head = f.read(2)
-    return gzip.open(path, "rb") if head == b"\x1f\x8b" else open(path, "rb")
+        return f.read(2) == b"\x1f\x8b"
 
 
 _IDX_DTYPES = {
@@ -158,31 +173,68 @@ _IDX_DTYPES = {
 }
 
 
+def _read_at_most(f, n: int) -> bytes:
+    """Up to ``n`` bytes, in chunks: a false size claim never allocates more than the data."""
+    parts, got = [], 0
+    while got < n:
+        part = f.read(min(_CHUNK, n - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
 def read_idx(path: str) -> np.ndarray:
-    """Read one IDX file (plain or gzip): magic, dims, then the payload, all checked."""
+    """Read one IDX file (plain or gzip): magic, dims, then the payload, all checked.
+
+    The header is checked against the data before the payload is read: a plain
+    file's size must match it exactly; a gzip stream is read in chunks up to the
+    declared size (at most ``MAX_GZIP_PAYLOAD``) and must end there.
+    """
     try:
-        with _open_maybe_gz(path) as f:
-            raw = f.read()
+        gz = _is_gzip(path)
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise DataError(f"{path}: too short for an IDX file ({len(head)} bytes)")
+            zero, code, ndim = struct.unpack(">HBB", head)
+            if zero != 0 or code not in _IDX_DTYPES or not 1 <= ndim <= 4:
+                raise DataError(f"{path}: bad IDX magic number 0x{head.hex()}")
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise DataError(f"{path}: truncated IDX header")
+            dims = struct.unpack(">" + "I" * ndim, raw_dims)
+            dtype = _IDX_DTYPES[code]
+            header = 4 + 4 * ndim
+            expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow
+            if not gz:
+                size = os.fstat(f.fileno()).st_size
+                if size != header + expected:
+                    raise DataError(f"{path}: size {size} bytes does not match its header "
+                                    f"(dims {dims}: {header + expected} bytes)")
+            elif expected > MAX_GZIP_PAYLOAD:
+                raise DataError(f"{path}: its header declares {expected} bytes (dims {dims}), more than "
+                                f"the {MAX_GZIP_PAYLOAD} a gzip IDX file may hold here")
+            payload = _read_at_most(f, expected + 1)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read it ({e})") from None
-    if len(raw) < 4:
-        raise DataError(f"{path}: too short for an IDX file ({len(raw)} bytes)")
-    zero, code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or code not in _IDX_DTYPES or not 1 <= ndim <= 4:
-        raise DataError(f"{path}: bad IDX magic number 0x{raw[:4].hex()}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header")
-    dims = struct.unpack(">" + "I" * ndim, raw[4:header])
-    dtype = _IDX_DTYPES[code]
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        raise DataError(
-            f"{path}: size {len(raw)} bytes does not match its header (dims {dims}: {expected} bytes)"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected an IDX file") from None
+    except _READ_ERRORS as e:
+        raise DataError(f"{path}: cannot read it ({_first_line(e)})") from None
+    if len(payload) != expected:
+        got = "more" if len(payload) > expected else f"{header + len(payload)} bytes"
+        raise DataError(f"{path}: size ({'decompressed, ' if gz else ''}{got}) does not match its header "
+                        f"(dims {dims}: {header + expected} bytes)")
+    return np.frombuffer(payload, dtype=dtype).reshape(dims)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _find(data_dir: str, stem: str) -> str:
@@ -196,12 +248,14 @@ def _find(data_dir: str, stem: str) -> str:
 def load_idx_pair(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 28*28) in [0, 1] and labels (N,) of ``split`` in {"train", "t10k"}."""
     if not os.path.isdir(data_dir):
-        raise DataError(f"{data_dir}: no such directory (--data-dir)")
+        what = "is not a directory" if os.path.exists(data_dir) else "no such directory"
+        raise DataError(f"{data_dir}: {what} (--data-dir)")
     ipath = _find(data_dir, f"{split}-images-idx3-ubyte")
     lpath = _find(data_dir, f"{split}-labels-idx1-ubyte")
     images, labels = read_idx(ipath), read_idx(lpath)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{ipath}: expected unsigned-byte images of rank 3, got rank {images.ndim}")
+        raise DataError(f"{ipath}: expected unsigned-byte images of rank 3, got {images.dtype.name} "
+                        f"values of rank {images.ndim}")
     if labels.ndim != 1:
         raise DataError(f"{lpath}: expected labels of rank 1, got rank {labels.ndim}")
     if images.shape[0] != labels.shape[0]:
@@ -210,29 +264,20 @@ def load_idx_pair(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
         )
     if images.shape[0] == 0:
         raise DataError(f"{ipath}: no images")
-    return images.reshape(images.shape[0], -1).astype(np.float32) / 255.0, labels.astype(np.int64)
+    if images.shape[1] * images.shape[2] == 0:
+        raise DataError(f"{ipath}: images of {images.shape[1]} x {images.shape[2]} pixels")
+    pixels = images.reshape(images.shape[0], images.shape[1] * images.shape[2])
+    return pixels.astype(np.float32) / 255.0, labels.astype(np.int64)
 
 
 def _read_csv(path: str) -> np.ndarray:
-    import csv
-
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f)]
-    rows = [r for r in rows if any(cell.strip() for cell in r)]  # drop blank lines
+    """A numeric CSV in UTF-8 (a byte-order mark is fine; an all-text first row is a
+    header; blank lines are skipped). Errors name the file's line and column (1-based)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        rows = [(reader.line_num, r) for r in reader if any(cell.strip() for cell in r)]
     if not rows:
         raise DataError(f"{path}: empty CSV file")
-
-    def parse(cell: str, i: int, j: int) -> float:
-        s = cell.strip()
-        if s == "":
-            raise DataError(f"{path}: empty cell at row {i + 1}, column {j + 1}")
-        try:
-            return float(s)
-        except ValueError:
-            raise DataError(f"{path}: not a number at row {i + 1}, column {j + 1}: {s[:40]!r}") from None
-
-    start = 0
-    first = rows[0]
 
     def numeric(s: str) -> bool:
         try:
@@ -241,17 +286,39 @@ def _read_csv(path: str) -> np.ndarray:
         except ValueError:
             return False
 
-    if not any(numeric(c.strip()) for c in first):
-        start = 1  # a header row: every field is text
-    width = len(rows[start]) if start < len(rows) else 0
-    out = []
-    for i in range(start, len(rows)):
-        if len(rows[i]) != width:
-            raise DataError(f"{path}: row {i + 1} has {len(rows[i])} fields, expected {width}")
-        out.append([parse(c, i, j) for j, c in enumerate(rows[i])])
-    if not out:
+    def parse(cell: str, line: int, j: int) -> float:
+        s = cell.strip()
+        if s == "":
+            raise DataError(f"{path}: empty cell at row {line}, column {j + 1}")
+        try:
+            return float(s)
+        except ValueError:
+            raise DataError(f"{path}: not a number at row {line}, column {j + 1}: {s[:40]!r}") from None
+
+    start = 0 if any(numeric(c.strip()) for c in rows[0][1]) else 1  # 1: a header row, every field text
+    if start == len(rows):
         raise DataError(f"{path}: no data rows")
+    width = len(rows[0][1])  # the header's width, if there is one
+    out = []
+    for line, row in rows[start:]:
+        if len(row) != width:
+            raise DataError(f"{path}: row {line} has {len(row)} fields, expected {width}")
+        out.append([parse(c, line, j) for j, c in enumerate(row)])
     return np.asarray(out, dtype=np.float64)
+
+
+def _check_npy_header(f, available: int, source: str) -> None:
+    """Read a .npy header from ``f`` and check it against the ``available`` bytes
+    (file or archive-member size) before numpy allocates the array it declares."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(f)
+    if dtype.hasobject:
+        raise DataError(f"{source}: holds Python objects (a pickled array); only numeric arrays are read")
+    need = math.prod(shape) * dtype.itemsize
+    if need > available - f.tell():
+        raise DataError(f"{source}: its header declares shape {tuple(shape)} of {dtype} ({need} bytes) "
+                        f"but the file holds {max(available - f.tell(), 0)}")
 
 
 def load_matrix(path: str) -> np.ndarray:
@@ -263,8 +330,13 @@ def load_matrix(path: str) -> np.ndarray:
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".npy":
-            arr = np.load(path, allow_pickle=False)
+            with open(path, "rb") as f:
+                _check_npy_header(f, os.fstat(f.fileno()).st_size, path)
+                f.seek(0)
+                arr = np.load(f, allow_pickle=False)
         elif ext == ".npz":
+            if not zipfile.is_zipfile(path):
+                raise DataError(f"{path}: not a .npz (zip) archive")
             with np.load(path, allow_pickle=False) as z:
                 keys = list(z.keys())
                 if not keys:
@@ -274,6 +346,9 @@ def load_matrix(path: str) -> np.ndarray:
                     key = keys[0]
                 if key is None:
                     raise DataError(f"{path}: several arrays {keys}; name one of them x")
+                member = key if key in z.zip.namelist() else key + ".npy"
+                with z.zip.open(member) as f:
+                    _check_npy_header(f, z.zip.getinfo(member).file_size, f"{path}[{key}]")
                 arr = z[key]
         elif ext == ".csv":
             arr = _read_csv(path)
@@ -281,9 +356,8 @@ def load_matrix(path: str) -> np.ndarray:
             raise DataError(f"{path}: unknown file type {ext or '(none)'}; use .npy, .npz or .csv")
     except DataError:
         raise
-    except (ValueError, OSError, EOFError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{path}: cannot read it ({msg})") from None
+    except _READ_ERRORS as e:
+        raise DataError(f"{path}: cannot read it ({_first_line(e)})") from None
     return validate_matrix(arr, path)
 
 

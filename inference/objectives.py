@@ -122,8 +122,8 @@ def _local_log_prob(site, K: int, B: int, fn=None) -> torch.Tensor:
     fn = site["fn"] if fn is None else fn
     lp = fn.log_prob(site["value"])
     mask = site["mask"]
-    if mask is not None:
-        lp = lp * mask if isinstance(mask, torch.Tensor) else lp * float(bool(mask))
+    if mask is not None:  # where, not a product: a masked-out -inf must give 0, not nan
+        lp = torch.where(torch.as_tensor(mask, device=lp.device), lp, lp.new_zeros(()))
     return lp.expand(K, B)
 
 
@@ -216,7 +216,9 @@ def build_objective(name: str, n_particles: int = 1, alpha: float | None = None,
     n_particles = int(n_particles)
     if name == "renyi":
         alpha = 0.5 if alpha is None else float(alpha)
-        if not math.isfinite(alpha) or alpha == 1.0:
+        if not math.isfinite(alpha):
+            raise UsageError(f"--alpha must be a finite number, got {alpha}")
+        if alpha == 1.0:
             raise UsageError("--alpha 1 is not a Renyi bound (its limit is the ELBO: use --objective elbo)")
         return Renyi(alpha, n_particles, max_plate_nesting)
     if alpha is not None:

@@ -39,6 +39,11 @@ from inference.objectives import Objective, build_objective
 CHECKPOINT = "checkpoint.ckpt"
 HISTORY = "history.csv"
 VAL_SEED = 20_24  # validation draws use their own fixed seed: common random numbers
+MAX_SEED = 2**62  # seeds are offset by ranks and splits; torch takes at most 2**64 - 1
+MAX_THREADS = 1024
+# The largest particles x rows x data-dimension tensor a step or an evaluation batch
+# may make (2**27 float32 values: 512 MiB); larger flag values are refused up front.
+MAX_TENSOR_ELEMENTS = 1 << 27
 
 
 @dataclass(frozen=True)
@@ -83,8 +88,10 @@ class TrainConfig:
             raise UsageError(f"--val-every must be >= 1, got {self.val_every}")
         if self.patience is not None and self.patience < 1:
             raise UsageError(f"--patience must be >= 1, got {self.patience}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {self.threads}")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise UsageError(f"--threads must be in 1..{MAX_THREADS}, got {self.threads}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED):
+            raise UsageError(f"--seed must be an integer in [0, 2**62), got {self.seed}")
         if self.devices < 1 or self.num_nodes < 1:
             raise UsageError("--devices and --num-nodes must be >= 1")
         build_objective(self.objective, self.n_particles, self.alpha)  # validates the three
@@ -141,6 +148,25 @@ def load_checkpoint(path: str) -> dict:
     except Exception as e:  # pickle.UnpicklingError, RuntimeError, EOFError ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{path}: refused to load the checkpoint ({first[:200]})") from None
+
+
+CHECKPOINT_KEYS = ("state_dict", "global_step", "epoch", "loops", "optimizer_states", "elbolab")
+
+
+def check_checkpoint(path: str, model: torch.nn.Module) -> dict:
+    """Load ``path`` (weights only) and check it is a checkpoint of this driver for
+    ``model``: its keys, and parameter names and shapes. Returns it; UsageError if not."""
+    ck = load_checkpoint(path)
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise UsageError(f"{path}: not a checkpoint of this program (no {', '.join(missing)})")
+    want = {"model." + k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in ck["state_dict"].items()}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+        raise UsageError(f"{path}: its parameters do not match the model ({', '.join(diff[:3])}"
+                         f"{', ...' if len(diff) > 3 else ''})")
+    return ck
 
 
 def _checkpoint_io():
@@ -346,6 +372,37 @@ def check_config_for_data(config: TrainConfig, data: DataSplits) -> None:
     """The checks that need both the training config and the data (before any work)."""
     if config.batch_size > data.n_train:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {data.n_train} training rows")
+    size = config.n_particles * config.batch_size * data.data_dim
+    if size > MAX_TENSOR_ELEMENTS:
+        raise UsageError(f"--n-particles {config.n_particles} x --batch-size {config.batch_size} x "
+                         f"{data.data_dim} data dimensions = {size:.3g} values in one tensor, more than the "
+                         f"{MAX_TENSOR_ELEMENTS:.3g} allowed; lower --n-particles or --batch-size")
+    if config.val_particles * data.data_dim > MAX_TENSOR_ELEMENTS:
+        raise UsageError(f"val_particles {config.val_particles} x {data.data_dim} data dimensions is more "
+                         f"than the {MAX_TENSOR_ELEMENTS:.3g} values allowed in one tensor")
+    check_trainer_flags(config)
+
+
+def rows_per_batch(n_particles: int, data_dim: int, most: int = 1000) -> int:
+    """Rows per evaluation batch so that particles x rows x data_dim stays in bounds."""
+    return max(1, min(most, MAX_TENSOR_ELEMENTS // max(1, n_particles * data_dim)))
+
+
+def check_trainer_flags(config: TrainConfig) -> None:
+    """Refuse an accelerator / strategy / devices combination Lightning cannot use,
+    before any work (a Trainer is built and thrown away; nothing runs)."""
+    import lightning.pytorch as pl
+
+    try:
+        with warnings.catch_warnings(), _quiet_lightning():
+            warnings.simplefilter("ignore")
+            pl.Trainer(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+                       strategy=config.strategy, logger=False, enable_checkpointing=False,
+                       enable_progress_bar=False, enable_model_summary=False)
+    except Exception as e:  # Lightning raises ValueError, MisconfigurationException, RuntimeError ...
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--accelerator {config.accelerator} --strategy {config.strategy} --devices "
+                         f"{config.devices} --num-nodes {config.num_nodes}: {first}") from None
 
 
 @contextlib.contextmanager
@@ -383,6 +440,8 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if resume and (ckpt_path is None or not os.path.isfile(ckpt_path)):
         raise UsageError(f"--resume: no checkpoint in {out_dir}")
+    if resume:
+        check_checkpoint(ckpt_path, model)
 
     module = _make_module(model, data, config, objective)
     steps_per_epoch = math.ceil(math.ceil(data.n_train / (config.devices * config.num_nodes)) / config.batch_size)

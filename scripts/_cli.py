@@ -14,6 +14,7 @@ import sys
 from typing import Any, Callable
 
 from inference.errors import NonFiniteError, UsageError
+from inference.files import remove_temporaries
 from inference.loaders import BINARIZE, DATASETS, DataSplits, check_binary, check_unit_interval, load_dataset
 from models.common import ConfigError
 
@@ -38,19 +39,33 @@ def parser(prog: str, description: str, epilog: str = "") -> ArgumentParser:
 
 
 def guarded(prog: str) -> Callable:
-    """Run a script's main: user errors -> one line on stderr, exit 2; a non-finite
-    loss -> one line, exit 1 (the last good checkpoint is kept)."""
+    """Run a script's main and return its exit status, never a traceback for these:
+
+    * user errors (a flag, a file, a value; argparse's own) -> one line, exit 2;
+    * a non-finite loss -> one line, exit 1 (the last good checkpoint is kept);
+    * a system fault (``OSError``: a full disk, a vanished directory; out of
+      memory) -> one line naming the file, exit 1 (what was saved stays saved).
+    """
 
     def deco(main: Callable[..., int | None]) -> Callable[..., int]:
         @functools.wraps(main)
         def wrapper(argv: list[str] | None = None) -> int:
             try:
                 return int(main(argv) or 0)
+            except SystemExit as e:  # argparse: --help (0) or a usage error (2, its line already printed)
+                return 0 if e.code is None else e.code if isinstance(e.code, int) else EXIT_USAGE
             except (UsageError, ConfigError) as e:
                 print(f"{prog}: error: {e}", file=sys.stderr)
                 return EXIT_USAGE
             except NonFiniteError as e:
                 print(f"{prog}: error: {e} (the last checkpoint is the last good state)", file=sys.stderr)
+                return EXIT_FAILURE
+            except OSError as e:
+                where = f"{e.filename}: " if e.filename else ""
+                print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+                return EXIT_FAILURE
+            except MemoryError:
+                print(f"{prog}: error: out of memory", file=sys.stderr)
                 return EXIT_FAILURE
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
@@ -196,11 +211,20 @@ def _pid_alive(pid: int) -> bool:
 
 class RunDir:
     """An output directory: refused if it holds files (unless --overwrite or
-    --resume); locked while a run writes it (a second writer is refused)."""
+    --resume); locked while a run writes it (a second writer is refused).
+
+    The lock is ``DIR/.lock`` holding the writer's pid, with an exclusive
+    ``flock`` on it for the run's lifetime: the kernel drops the flock when the
+    process dies (SIGKILL included), so a dead run's lock is taken over; a live
+    one's never is. The emptiness check is repeated once the lock is held (a run
+    that finished in between is not overwritten), and ``.tmp-*`` files a killed
+    writer left are removed then.
+    """
 
     def __init__(self, path: str, overwrite: bool = False, resume: bool = False):
         self.path, self.overwrite, self.resume = path, overwrite, resume
         self._locked = False
+        self._fd: int | None = None
 
     def check(self) -> None:
         """Refuse before any work starts; creates nothing."""
@@ -225,6 +249,12 @@ class RunDir:
         except OSError as e:
             raise UsageError(f"--out {self.path}: cannot create it ({e.strerror})") from None
         self._lock()
+        try:
+            self.check()  # again, under the lock: another run may have finished here meanwhile
+        except BaseException:
+            self._unlock()
+            raise
+        remove_temporaries(self.path)
         atexit.register(self._unlock)
         return self
 
@@ -235,24 +265,36 @@ class RunDir:
         return os.path.join(self.path, name)
 
     def _lock(self) -> None:
+        import fcntl
+
         lock = self.file(LOCK)
-        for _ in range(2):
+        for _ in range(5):
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    with open(lock) as f:
-                        pid = int(f.read().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _pid_alive(pid):
-                    raise UsageError(f"--out {self.path}: another run (pid {pid}) is writing this directory")
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lock)  # stale: its process is gone
+                fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+            except OSError as e:
+                raise UsageError(f"--out {self.path}: cannot create its lock file ({e.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _read_pid(fd)
+                os.close(fd)
+                raise UsageError(f"--out {self.path}: another run (pid {pid or '?'}) is writing this directory")
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            except FileNotFoundError:
+                same = False
+            if not same:  # its holder removed the file as we opened it: take the new one
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            self._locked = True
+            pid = _read_pid(fd)
+            if pid and pid != os.getpid() and _pid_alive(pid):
+                # no flock held, yet its pid lives: a writer that does not flock; be safe
+                os.close(fd)
+                raise UsageError(f"--out {self.path}: another run (pid {pid}) is writing this directory "
+                                 f"(remove {lock} if it is not)")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self._fd, self._locked = fd, True
             return
         raise UsageError(f"--out {self.path}: cannot take the directory's lock")
 
@@ -260,7 +302,15 @@ class RunDir:
         if self._locked:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.file(LOCK))
-            self._locked = False
+            os.close(self._fd)  # drops the flock, after the file is gone
+            self._fd, self._locked = None, False
+
+
+def _read_pid(fd: int) -> int:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return 0
 
 
 def add_out_args(p: argparse.ArgumentParser, default: str | None = None, resume: bool = False) -> None:

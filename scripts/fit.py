@@ -19,7 +19,8 @@ import models
 from inference.errors import UsageError
 from inference.evaluate import elbo_estimate
 from inference.files import save_json
-from inference.train import TrainConfig, check_config_for_data, fit
+from inference.train import (CHECKPOINT, MAX_TENSOR_ELEMENTS, TrainConfig, check_checkpoint, check_config_for_data,
+                             fit, rows_per_batch)
 from scripts import _cli
 
 PROG = "fit.py"
@@ -87,14 +88,36 @@ def _resume_spec(p, args, argv) -> dict:
             spec = json.load(f)
     except FileNotFoundError:
         raise UsageError(f"--resume {args.resume}: no config.json there (not a run directory)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: unreadable ({e})") from None
+    except (OSError, ValueError) as e:  # JSON and UTF-8 decoding errors are ValueErrors
+        raise UsageError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    _check_spec(spec, path)
     for key in ("epochs", "steps", "threads", "progress"):
         if key in given or (key == "progress" and "no_progress" in given):
             spec["train"][key] = getattr(args, key)
     if "steps" in given:
         spec["train"]["epochs"] = None
+    _check_spec(spec, path)
     return spec
+
+
+def _check_spec(spec, path: str) -> None:
+    """A run's config.json, read back: the right shape and values, or one UsageError naming it."""
+    shape = {"model": str, "model_config": dict, "train": dict, "data": dict, "eval": dict}
+    if not isinstance(spec, dict) or any(not isinstance(spec.get(k), t) for k, t in shape.items()):
+        raise UsageError(f"{path}: not an elbolab run config (needs {', '.join(shape)})")
+    data, text = spec["data"], (str, type(None))
+    kinds = {"dataset": str, "binarize": str, "data_path": text, "data_dir": text, "val_fraction": (int, float)}
+    bad = [k for k, t in kinds.items() if not isinstance(data.get(k, None if k != "val_fraction" else 0.1), t)]
+    k = spec["eval"].get("eval_particles")
+    if bad or not isinstance(k, int) or k < 1:
+        raise UsageError(f"{path}: bad value(s) for {', '.join(bad) or 'eval_particles'}")
+    try:
+        models.make_config(spec["model"], spec["model_config"])
+        TrainConfig.from_dict(spec["train"])
+    except (UsageError, models.ConfigError) as e:
+        raise UsageError(f"{path}: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise UsageError(f"{path}: not a usable run config ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def run(spec: dict, out: str, overwrite: bool, resume: bool) -> dict:
@@ -102,9 +125,15 @@ def run(spec: dict, out: str, overwrite: bool, resume: bool) -> dict:
     model_cls = models.REGISTRY[spec["model"]][1]
     data = _cli.load_data(spec["data"], model_cls.likelihood)
     check_config_for_data(train, data)
+    k = spec["eval"]["eval_particles"]
+    if k * data.data_dim > MAX_TENSOR_ELEMENTS:
+        raise UsageError(f"--eval-particles {k} x {data.data_dim} data dimensions is more than the "
+                         f"{MAX_TENSOR_ELEMENTS:.3g} values allowed in one tensor; lower --eval-particles")
     torch.manual_seed(train.seed)
     model = models.build_model(spec["model"], spec["model_config"], data.data_dim, data.n_train)
     run_dir = _cli.RunDir(out, overwrite=overwrite, resume=resume)
+    if resume and os.path.isfile(run_dir.file(CHECKPOINT)):
+        check_checkpoint(run_dir.file(CHECKPOINT), model)  # refused before anything is written
     with run_dir:
         if overwrite and not resume:
             for name in ("checkpoint.ckpt", "metrics.json", "history.csv"):
@@ -113,7 +142,9 @@ def run(spec: dict, out: str, overwrite: bool, resume: bool) -> dict:
         spec = {**spec, "data_info": data.describe()}
         save_json(spec, run_dir.file("config.json"))
         t0 = time.perf_counter()
-        result = fit(model, data, train, out_dir=out, resume=resume)
+        # a run killed before its first checkpoint resumes from the start: nothing was saved
+        from_checkpoint = resume and os.path.isfile(run_dir.file(CHECKPOINT))
+        result = fit(model, data, train, out_dir=out, resume=from_checkpoint)
         metrics = evaluate_run(model, data, spec, result)
         metrics["wall_seconds"] = time.perf_counter() - t0
         save_json(metrics, run_dir.file("metrics.json"))
@@ -147,7 +178,7 @@ def evaluate_run(model, data, spec, result) -> dict:
     for name, (x, rows) in splits.items():
         if x.shape[0] == 0:
             continue
-        est = elbo_estimate(model, x, rows, n_particles=k)
+        est = elbo_estimate(model, x, rows, n_particles=k, batch_size=rows_per_batch(k, data.data_dim))
         metrics[f"{name}_elbo"] = est["elbo"].to_dict()
         metrics[f"{name}_recon"] = est["recon"].to_dict()
         metrics[f"{name}_kl"] = est["kl"].to_dict()
