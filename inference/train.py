@@ -300,8 +300,12 @@ def _make_module(model, data: DataSplits, config: TrainConfig, objective: Object
         # -- checkpoint extras: RNG states, history, elapsed time ---------------
         def on_save_checkpoint(self, checkpoint):  # called on every rank (rank 0 writes)
             self.sync_history()
+            state = torch.get_rng_state()  # (L,) uint8
             checkpoint["elbolab"] = {
-                "torch_rng": torch.get_rng_state(),
+                "torch_rng": state,
+                # every rank's torch RNG state (rank 0 writes the file): a resumed DDP run
+                # draws on each rank what the uninterrupted run would have drawn
+                "torch_rng_ranks": torch.cat(distributed.all_gather_rows(state[None])),  # (world, L)
                 "python_rng": random.getstate(),
                 "history": _history_to_tensor(self.history),
                 "validations": torch.tensor([[v["step"], v["val_elbo"], v["val_elbo_se"]] for v in self.validations],
@@ -311,7 +315,14 @@ def _make_module(model, data: DataSplits, config: TrainConfig, objective: Object
 
         def on_load_checkpoint(self, checkpoint):
             extra = checkpoint["elbolab"]
-            torch.set_rng_state(extra["torch_rng"])
+            ranks = extra.get("torch_rng_ranks")
+            _, world = distributed.rank_and_world()
+            if ranks is not None and ranks.shape[0] == world:
+                torch.set_rng_state(ranks[self.global_rank].clone())
+            else:  # a checkpoint of another world size: rank 0's stream, the others re-seeded apart
+                torch.set_rng_state(extra["torch_rng"])
+                if self.global_rank:
+                    torch.manual_seed(distributed.chunk_seed(config.seed + self.global_rank, checkpoint["global_step"]))
             random.setstate(extra["python_rng"])
             self.history = _history_from_tensor(extra["history"])
             self.history_synced = len(self.history)
