@@ -89,6 +89,9 @@ class TrainConfig:
             raise UsageError(f"--threads must be >= 1, got {self.threads}")
         if self.devices < 1 or self.num_nodes < 1:
             raise UsageError("--devices and --num-nodes must be >= 1")
+        if any(w in self.strategy for w in ("spawn", "fork", "notebook")):
+            raise UsageError(f"--strategy {self.strategy}: the fit would live in spawned processes and its result "
+                             "not come back; use --strategy ddp (the launcher runs the whole program per process)")
         build_objective(self.objective, self.n_particles, self.alpha)  # validates the three
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,15 +247,15 @@ def _make_module(model, data: DataSplits, config: TrainConfig, objective: Object
                 opt.zero_grad(set_to_none=True)
             loss = self.objective(self.model.model, self.model.guide, x, idx)
             self.manual_backward(loss)  # DDP averages the dense gradients over ranks here
-            step = self.global_step + 1
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise NonFiniteError(f"step {step}: the loss is {loss_value}; parameters not updated", step)
-            if self.row_params:
+            if self.row_params:  # (a collective: before any rank can stop on a bad value)
                 distributed.sync_sparse_grads(self.row_params)  # the rows, averaged over ranks
                 if not config.sparse_rows:  # dense Adam: the same step as for a dense table
                     for p in self.row_params:
                         p.grad = p.grad.to_dense()
+            step = self.global_step + 1
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise NonFiniteError(f"step {step}: the loss is {loss_value}; parameters not updated", step)
             named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
             values = [g._values() if g.is_sparse else g for _, g in named]  # coalesced: no repeated row
             norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(values)))) if values else 0.0

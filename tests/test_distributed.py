@@ -253,3 +253,44 @@ def test_ddp_resume_ends_where_the_uninterrupted_ddp_run_ends(tmp_path):
     for k in ca["state_dict"]:
         # the resumed run repeats the same operations: equal up to float32 round-off
         assert float((ca["state_dict"][k] - cb["state_dict"][k]).abs().max()) <= 1e-6, k
+
+
+def test_spawning_strategies_are_refused():
+    from inference.errors import UsageError
+
+    for strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook"):
+        with pytest.raises(UsageError, match=f"--strategy {strategy}: the fit would live in spawned processes"):
+            TrainConfig(devices=2, strategy=strategy)
+
+
+def test_sparse_rows_resume_matches_uninterrupted(tmp_path):
+    """Two optimizers (Adam, SparseAdam) and two decaying rates: both saved and restored."""
+    d = loaders.load_dataset("digits")
+    data = loaders.DataSplits("digits", d.train[:300], d.val[:0], d.test[:0])
+
+    class StopAfter(__import__("lightning.pytorch").pytorch.Callback):
+        """Ends the fit after ``epochs`` epochs (an interruption, seen from the resumed run)."""
+
+        def __init__(self, epochs):
+            self.epochs = epochs
+
+        def on_train_epoch_end(self, trainer, module):
+            if trainer.current_epoch + 1 >= self.epochs:
+                trainer.should_stop = True
+
+    def run(out, resume=False, stop=None):
+        torch.manual_seed(0)
+        model = models.build_model("ppca", {"latent_dim": 2, "guide": "per-datapoint"}, data.data_dim, 300)
+        cfg = TrainConfig(epochs=4, batch_size=60, lr=0.05, lr_final=0.005, sparse_rows=True, progress=False,
+                          checkpoint_every=1)
+        res = fit(model, data, cfg, out_dir=str(out), resume=resume, callbacks=[StopAfter(stop)] if stop else None)
+        return model, res
+
+    full, res = run(tmp_path / "a")
+    assert res.steps == 4 * 5
+    _, res = run(tmp_path / "b", stop=2)
+    assert res.steps == 2 * 5
+    resumed, res = run(tmp_path / "b", resume=True)
+    assert res.steps == 4 * 5
+    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), n  # the same operations in the same order: the same bits
