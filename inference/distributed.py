@@ -154,7 +154,7 @@ def sync_sparse_grads(params: list[torch.Tensor]) -> None:
     pieces = []
     for g in grads:
         pieces += [g.indices()[0].double(), g.values().double().flatten()]
-    nnz = torch.tensor([g.indices().shape[1] for g in grads], dtype=torch.float64)
+    nnz = torch.tensor([g.indices().shape[1] for g in grads], dtype=torch.float64, device=grads[0].device)
     packed = torch.cat([nnz] + pieces)[:, None]  # (L, 1): all_gather_rows pads along dim 0
     widths = [int(math.prod(g.shape[1:])) for g in grads]
     per_param: list[tuple[list, list]] = [([], []) for _ in grads]
