@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference import distributed
 from inference.errors import NonFiniteError, UsageError
 from inference.files import atomic_write
 from inference.loaders import DataSplits, batch_loader
@@ -70,6 +71,7 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     accelerator: str = "cpu"
+    sparse_rows: bool = False  # per-datapoint tables by SparseAdam: only the batch's rows (and moments) move
 
     def __post_init__(self):
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -94,6 +96,9 @@ class TrainConfig:
             raise UsageError(f"--seed must be an integer in [0, 2**62), got {self.seed}")
         if self.devices < 1 or self.num_nodes < 1:
             raise UsageError("--devices and --num-nodes must be >= 1")
+        if any(w in self.strategy for w in ("spawn", "fork", "notebook")):
+            raise UsageError(f"--strategy {self.strategy}: the fit would live in spawned processes and its result "
+                             "not come back; use --strategy ddp (the launcher runs the whole program per process)")
         build_objective(self.objective, self.n_particles, self.alpha)  # validates the three
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +125,8 @@ class FitResult:
     seconds: float = 0.0
     stopped_early: bool = False
     checkpoint: str | None = None
+    world_size: int = 1  # processes that trained (DDP)
+    rank_param_diff: float = 0.0  # max |parameter - rank 0's| over ranks after training (0.0: in sync)
 
     @property
     def final_loss(self) -> float:
@@ -211,7 +218,8 @@ def _make_module(model, data: DataSplits, config: TrainConfig, objective: Object
             self.validations: list[dict] = []
             self.t0 = time.perf_counter()
             self.seconds_before = 0.0  # training seconds of earlier (resumed) sessions
-            self.val_sum = self.val_sq = self.val_n = 0.0
+            self.row_params: list[torch.nn.Parameter] = []  # tables with row-sparse gradients (see setup)
+            self.history_synced = 0  # history rows already averaged over ranks
 
         # -- data --------------------------------------------------------------
         def train_dataloader(self):
@@ -220,84 +228,113 @@ def _make_module(model, data: DataSplits, config: TrainConfig, objective: Object
                                 world_size=self.trainer.world_size)
 
         def val_dataloader(self):
-            return batch_loader(data.val, max(config.batch_size, 500), seed=0, shuffle=False,
-                                rank=self.global_rank, world_size=self.trainer.world_size)
+            # one item per rank: validation_step evaluates the whole set with distributed.map_rows
+            return torch.utils.data.DataLoader([0], batch_size=None)
 
         def setup(self, stage=None):
-            # one seed per process; a warm-up pass creates any lazily built parameters
+            # one seed per process (Lightning's launcher may have reset the thread count)
+            if config.threads is not None:
+                torch.set_num_threads(config.threads)
             torch.manual_seed(config.seed + self.global_rank)
             random.seed(config.seed + self.global_rank)
+            # a warm-up pass creates any lazily built parameters; its gradient shows which
+            # parameters are tables with row-sparse gradients: those stay out of DDP's dense
+            # all-reduce (training_step exchanges their rows instead)
             x0 = data.train[: min(config.batch_size, data.n_train)]
-            with torch.no_grad():
-                self.objective(self.model.model, self.model.guide, x0, torch.arange(x0.shape[0]))
+            self.objective(self.model.model, self.model.guide, x0, torch.arange(x0.shape[0])).backward()
+            names = [n for n, p in self.named_parameters() if p.grad is not None and p.grad.is_sparse]
+            self.row_params = [p for n, p in self.named_parameters() if n in names]
+            self._ddp_params_and_buffers_to_ignore = names
+            self.zero_grad(set_to_none=True)
+
+        def on_train_start(self):
+            distributed.broadcast_parameters(self.row_params)  # DDP broadcasts the others
 
         def configure_optimizers(self):
-            opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+            rows = {id(p) for p in self.row_params}
+            dense = [p for p in self.model.parameters() if id(p) not in rows]
+            opts = [torch.optim.Adam(dense if config.sparse_rows else list(self.model.parameters()), lr=config.lr)]
+            if config.sparse_rows and self.row_params:
+                opts.append(torch.optim.SparseAdam(self.row_params, lr=config.lr))
             if config.lr_final is None:
-                return opt
+                return opts
             total = config.steps or config.epochs * len(self.train_dataloader())
             ratio = config.lr_final / config.lr
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: ratio ** min(1.0, t / max(1, total)))
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            scheds = [{"scheduler": torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda t: ratio ** min(1.0, t / max(1, total))), "interval": "step"} for opt in opts]
+            return opts, scheds
 
         # -- the step ----------------------------------------------------------
         def training_step(self, batch, batch_idx):
             x, idx = batch
-            opt = self.optimizers()
-            opt.zero_grad(set_to_none=True)
+            opts = self.optimizers()
+            opts = opts if isinstance(opts, list) else [opts]
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
             loss = self.objective(self.model.model, self.model.guide, x, idx)
-            self.manual_backward(loss)
+            self.manual_backward(loss)  # DDP averages the dense gradients over ranks here
+            if self.row_params:  # (a collective: before any rank can stop on a bad value)
+                distributed.sync_sparse_grads(self.row_params)  # the rows, averaged over ranks
+                if not config.sparse_rows:  # dense Adam: the same step as for a dense table
+                    for p in self.row_params:
+                        p.grad = p.grad.to_dense()
             step = self.global_step + 1
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise NonFiniteError(f"step {step}: the loss is {loss_value}; parameters not updated", step)
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
+            named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+            values = [g._values() if g.is_sparse else g for _, g in named]  # coalesced: no repeated row
+            norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(values)))) if values else 0.0
             if not math.isfinite(norm):
-                bad = next(n for n, p in self.model.named_parameters()
-                           if p.grad is not None and not torch.isfinite(p.grad).all())
+                bad = next(n for (n, _), v in zip(named, values) if not torch.isfinite(v).all())
                 raise NonFiniteError(f"step {step}: the gradient of {bad} is not finite; parameters not updated",
                                      step)
-            if config.clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_norm)
-            opt.step()
-            sched = self.lr_schedulers()
-            if sched is not None:
+            if config.clip_norm is not None and norm > config.clip_norm:
+                coef = config.clip_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+                for v in values:
+                    v.mul_(coef)
+            opts[0].step()  # Lightning counts the steps of its optimizers: one per batch
+            for opt in opts[1:]:  # SparseAdam over the tables (--sparse-rows)
+                opt.optimizer.step()
+            scheds = self.lr_schedulers()
+            for sched in scheds if isinstance(scheds, list) else [scheds] if scheds is not None else []:
                 sched.step()
             self.history.append({"step": step, "epoch": self.current_epoch, "loss": loss_value / self.n_data,
                                  "seconds": self.seconds_before + time.perf_counter() - self.t0})
 
-        # -- validation: the ELBO per datapoint, K particles, its own seed --------
-        def on_validation_epoch_start(self):
-            self.val_sum = self.val_sq = self.val_n = 0.0
-            self._rng = torch.random.fork_rng()
-            self._rng.__enter__()
-            torch.manual_seed(VAL_SEED)
-
+        # -- validation: the ELBO per datapoint, K particles, seeds of its own ------
         def validation_step(self, batch, batch_idx):
-            from inference.evaluate import elbo_terms
+            # the rows dealt to the ranks and gathered back (the training RNG is left untouched):
+            # the same numbers for any number of processes
+            from inference.evaluate import Estimate, elbo_terms
 
-            x, _ = batch
-            elbo = elbo_terms(self.model, x, n_particles=config.val_particles)["elbo"]  # (B,)
-            self.val_sum += float(elbo.sum())
-            self.val_sq += float((elbo**2).sum())
-            self.val_n += elbo.shape[0]
+            elbo = distributed.map_rows(
+                lambda xb, rb: {"elbo": elbo_terms(self.model, xb, rb, config.val_particles)["elbo"]},
+                data.val, chunk_size=max(config.batch_size, 500), seed=VAL_SEED)["elbo"]  # (n_val,)
+            est = Estimate.of(elbo)
+            self.validations.append({"step": self.global_step, "val_elbo": est.mean, "val_elbo_se": est.se})
+            self.log("val_elbo", est.mean, prog_bar=False, logger=False, sync_dist=False, batch_size=est.n)
 
-        def on_validation_epoch_end(self):
-            self._rng.__exit__(None, None, None)
-            stats = torch.tensor([self.val_sum, self.val_sq, self.val_n], dtype=torch.float64)
-            if self.trainer.world_size > 1:
-                stats = self.all_gather(stats).reshape(-1, 3).sum(0)
-            s, sq, n = stats.tolist()
-            mean = s / n
-            se = math.sqrt(max(sq / n - mean**2, 0.0) / max(n - 1, 1))
-            self.validations.append({"step": self.global_step, "val_elbo": mean, "val_elbo_se": se})
-            self.log("val_elbo", mean, prog_bar=False, logger=False, sync_dist=False)
+        def sync_history(self):
+            """Average the new history rows' losses over ranks (each rank's loss is its own
+            shard of the global batch, scaled to N): the loss of the whole global batch."""
+            new = self.history[self.history_synced:]
+            if self.trainer.world_size > 1 and new:
+                losses = torch.tensor([r["loss"] for r in new], dtype=torch.float64)
+                mean = torch.stack(distributed.all_gather_rows(losses)).mean(0)
+                for r, v in zip(new, mean.tolist()):
+                    r["loss"] = v
+            self.history_synced = len(self.history)
 
         # -- checkpoint extras: RNG states, history, elapsed time ---------------
-        def on_save_checkpoint(self, checkpoint):
+        def on_save_checkpoint(self, checkpoint):  # called on every rank (rank 0 writes)
+            self.sync_history()
+            state = torch.get_rng_state()  # (L,) uint8
             checkpoint["elbolab"] = {
-                "torch_rng": torch.get_rng_state(),
+                "torch_rng": state,
+                # every rank's torch RNG state (rank 0 writes the file): a resumed DDP run
+                # draws on each rank what the uninterrupted run would have drawn
+                "torch_rng_ranks": torch.cat(distributed.all_gather_rows(state[None])),  # (world, L)
                 "python_rng": random.getstate(),
                 "history": _history_to_tensor(self.history),
                 "validations": torch.tensor([[v["step"], v["val_elbo"], v["val_elbo_se"]] for v in self.validations],
@@ -307,9 +344,17 @@ def _make_module(model, data: DataSplits, config: TrainConfig, objective: Object
 
         def on_load_checkpoint(self, checkpoint):
             extra = checkpoint["elbolab"]
-            torch.set_rng_state(extra["torch_rng"])
+            ranks = extra.get("torch_rng_ranks")
+            _, world = distributed.rank_and_world()
+            if ranks is not None and ranks.shape[0] == world:
+                torch.set_rng_state(ranks[self.global_rank].clone())
+            else:  # a checkpoint of another world size: rank 0's stream, the others re-seeded apart
+                torch.set_rng_state(extra["torch_rng"])
+                if self.global_rank:
+                    torch.manual_seed(distributed.chunk_seed(config.seed + self.global_rank, checkpoint["global_step"]))
             random.setstate(extra["python_rng"])
             self.history = _history_from_tensor(extra["history"])
+            self.history_synced = len(self.history)
             self.validations = [{"step": int(a), "val_elbo": b, "val_elbo_se": c}
                                 for a, b, c in extra["validations"].tolist()]
             self.seconds_before = float(extra["seconds"])
@@ -443,6 +488,9 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
     if resume:
         check_checkpoint(ckpt_path, model)
 
+    # tables that can look up rows sparsely (nn.Embedding's ``sparse`` flag) do so while training:
+    # their gradients then name the rows a step touched (see SVIModule.setup)
+    sparse_flags = [(m, m.sparse) for m in model.modules() if isinstance(getattr(m, "sparse", None), bool)]
     module = _make_module(model, data, config, objective)
     steps_per_epoch = math.ceil(math.ceil(data.n_train / (config.devices * config.num_nodes)) / config.batch_size)
     total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
@@ -468,6 +516,7 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
         warnings.filterwarnings("ignore", ".*exists and is not empty.*")
         warnings.filterwarnings("ignore", ".*GPU available but not used.*")
         warnings.filterwarnings("ignore", ".*LightningModule.*has parameters that were not used.*")
+        warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")  # val_elbo is global
         trainer = pl.Trainer(
             max_epochs=-1 if config.steps is not None else config.epochs,
             max_steps=config.steps if config.steps is not None else -1,
@@ -478,14 +527,24 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
             deterministic=False, **val_kwargs,
         )
         t0 = time.perf_counter()
-        trainer.fit(module, ckpt_path=ckpt_path if resume else None, weights_only=True)
+        for m, _ in sparse_flags:
+            m.sparse = True
+        try:
+            trainer.fit(module, ckpt_path=ckpt_path if resume else None, weights_only=True)
+        finally:
+            for m, flag in sparse_flags:
+                m.sparse = flag
         seconds = time.perf_counter() - t0
     if ckpt_path:
-        trainer.save_checkpoint(ckpt_path, weights_only=False)  # the final state (rank 0 writes)
+        trainer.save_checkpoint(ckpt_path, weights_only=False)  # the final state (every rank calls; rank 0 writes)
+    module.sync_history()
+    _, world = distributed.rank_and_world()
+    rank_diff = distributed.max_rank_difference(list(model.parameters()))
     if ckpt_path and trainer.global_rank == 0:
         write_history(module.history, module.validations, os.path.join(out_dir, HISTORY))
     return FitResult(
         model=model, history=module.history, validations=module.validations, steps=trainer.global_step,
         epochs=trainer.current_epoch, seconds=module.history[-1]["seconds"] if module.history else seconds,
         stopped_early=bool(trainer.should_stop and trainer.global_step < total), checkpoint=ckpt_path,
+        world_size=world, rank_param_diff=rank_diff,
     )

@@ -14,7 +14,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroParam
 from torch import nn
-from torch.distributions import constraints
+from torch.distributions import constraints, transform_to
 
 C = TypeVar("C")
 
@@ -76,9 +76,16 @@ class PerDatapointNormal(PyroModule):
 
     A table of ``n_data`` x ``latent_dim`` locations and scales, indexed by the
     subsampled plate's row indices; it cannot infer a row it has not seen.
+
+    A mini-batch reads only its B rows of the unconstrained table and transforms
+    those (O(B), not O(n_data), per step). With ``sparse = True`` (what
+    ``nn.Embedding(sparse=True)`` means) the gradient of the table is a sparse
+    tensor holding those B rows, so a trainer can update and communicate only them;
+    with the default ``False`` it is the usual dense tensor.
     """
 
     amortized = False
+    sparse = False
 
     def __init__(self, n_data: int, latent_dim: int, init_scale: float = 0.1):
         super().__init__()
@@ -94,7 +101,16 @@ class PerDatapointNormal(PyroModule):
                     f"(it holds {self.n_data} rows and cannot infer new data)"
                 )
             idx = torch.arange(self.n_data)
-        return dist.Normal(self.loc[idx], self.scale[idx]).to_event(1)  # (B,) x (latent_dim,)
+        loc = self._rows("loc", idx, constraints.real)  # (B, latent_dim)
+        scale = self._rows("scale", idx, constraints.positive)  # (B, latent_dim)
+        return dist.Normal(loc, scale).to_event(1)  # (B,) x (latent_dim,)
+
+    def _rows(self, name: str, idx: torch.Tensor, constraint) -> torch.Tensor:
+        """The rows ``idx`` of the PyroParam ``name``, read from its unconstrained
+        table and transformed as PyroParam transforms the whole table."""
+        raw = getattr(self, name + "_unconstrained")  # (n_data, latent_dim)
+        rows = torch.nn.functional.embedding(idx, raw, sparse=self.sparse)  # (B, latent_dim)
+        return transform_to(constraint)(rows)
 
     @torch.no_grad()
     def initialize(self, loc: torch.Tensor, scale: torch.Tensor) -> None:

@@ -186,6 +186,9 @@ def add_train_args(p: argparse.ArgumentParser, epochs: int = 10) -> None:
     d.add_argument("--num-nodes", type=positive_int, default=1, help="machines")
     d.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     d.add_argument("--accelerator", default="cpu", help="cpu, gpu, auto")
+    d.add_argument("--sparse-rows", action="store_true",
+                   help="update per-datapoint tables by SparseAdam: a step moves only its batch's rows (and their "
+                        "Adam moments), O(batch) instead of O(N) work; default: dense Adam over the whole table")
 
 
 def train_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -195,6 +198,7 @@ def train_values(args: argparse.Namespace) -> dict[str, Any]:
         "clip_norm": args.clip_norm, "val_every": args.val_every, "patience": args.patience,
         "seed": args.seed, "checkpoint_every": args.checkpoint_every, "threads": args.threads, "progress": args.progress, "devices": args.devices,
         "num_nodes": args.num_nodes, "strategy": args.strategy, "accelerator": args.accelerator,
+        "sparse_rows": args.sparse_rows,
     }
 
 
@@ -219,15 +223,21 @@ class RunDir:
     one's never is. The emptiness check is repeated once the lock is held (a run
     that finished in between is not overwritten), and ``.tmp-*`` files a killed
     writer left are removed then.
-    """
 
-    def __init__(self, path: str, overwrite: bool = False, resume: bool = False):
-        self.path, self.overwrite, self.resume = path, overwrite, resume
+    ``rank``: this process's global rank in a multi-process (DDP) run. Only rank 0
+    checks, creates and locks the directory; the other ranks write nothing and
+    leave it alone (they are started by rank 0's run or beside it, so the lock
+    rank 0 holds is theirs too)."""
+
+    def __init__(self, path: str, overwrite: bool = False, resume: bool = False, rank: int = 0):
+        self.path, self.overwrite, self.resume, self.rank = path, overwrite, resume, rank
         self._locked = False
         self._fd: int | None = None
 
     def check(self) -> None:
         """Refuse before any work starts; creates nothing."""
+        if self.rank != 0:
+            return
         p = self.path
         if os.path.exists(p) and not os.path.isdir(p):
             raise UsageError(f"--out {p}: exists and is not a directory")
@@ -243,6 +253,8 @@ class RunDir:
             raise UsageError(f"--out {p}: cannot create it here")
 
     def __enter__(self) -> "RunDir":
+        if self.rank != 0:
+            return self
         self.check()
         try:
             os.makedirs(self.path, exist_ok=True)

@@ -4,6 +4,10 @@ Writes into --out DIR: config.json (everything needed to rebuild the run),
 checkpoint.ckpt, history.csv (per step), metrics.json (train / validation / test
 ELBO in nats per datapoint with standard errors, steps, seconds, the config, and a
 model's exact numbers where it has them) and loss_curve.png.
+
+Several processes (--devices N [--num-nodes M] --strategy ddp): each trains on
+its shard of every global mini-batch of N*M*batch-size rows; the evaluation is
+split over the processes and gathered; only rank 0 writes the run directory.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import torch
 
 import models
 from inference.errors import UsageError
-from inference.evaluate import elbo_estimate
+from inference import distributed
+from inference.evaluate import elbo_terms
 from inference.files import save_json
 from inference.train import (CHECKPOINT, MAX_TENSOR_ELEMENTS, TrainConfig, check_checkpoint, check_config_for_data,
                              fit, rows_per_batch)
@@ -34,6 +39,7 @@ EXAMPLES = """examples:
   python -m scripts.fit --model ppca --latent-dim 10 --out runs/ppca
   python -m scripts.fit --model ppca --data X.npy --latent-dim 3 --out runs/mine
   python -m scripts.fit --resume runs/ppca --epochs 50
+  python -m scripts.fit --model ppca --devices 2 --strategy ddp --batch-size 50 --out runs/ddp
 """
 
 
@@ -131,22 +137,27 @@ def run(spec: dict, out: str, overwrite: bool, resume: bool) -> dict:
                          f"{MAX_TENSOR_ELEMENTS:.3g} values allowed in one tensor; lower --eval-particles")
     torch.manual_seed(train.seed)
     model = models.build_model(spec["model"], spec["model_config"], data.data_dim, data.n_train)
-    run_dir = _cli.RunDir(out, overwrite=overwrite, resume=resume)
+    # under DDP every process runs this; only (global) rank 0 locks and writes the directory
+    run_dir = _cli.RunDir(out, overwrite=overwrite, resume=resume, rank=distributed.launch_rank(train.devices))
     if resume and os.path.isfile(run_dir.file(CHECKPOINT)):
         check_checkpoint(run_dir.file(CHECKPOINT), model)  # refused before anything is written
     with run_dir:
-        if overwrite and not resume:
+        if overwrite and not resume and run_dir.rank == 0:
             for name in ("checkpoint.ckpt", "metrics.json", "history.csv"):
                 if os.path.exists(run_dir.file(name)):
                     os.unlink(run_dir.file(name))
         spec = {**spec, "data_info": data.describe()}
-        save_json(spec, run_dir.file("config.json"))
+        if run_dir.rank == 0:
+            save_json(spec, run_dir.file("config.json"))
         t0 = time.perf_counter()
         # a run killed before its first checkpoint resumes from the start: nothing was saved
         from_checkpoint = resume and os.path.isfile(run_dir.file(CHECKPOINT))
         result = fit(model, data, train, out_dir=out, resume=from_checkpoint)
-        metrics = evaluate_run(model, data, spec, result)
+        metrics = evaluate_run(model, data, spec, result)  # every rank takes part
         metrics["wall_seconds"] = time.perf_counter() - t0
+        metrics["world_size"], metrics["rank_param_diff"] = result.world_size, result.rank_param_diff
+        if distributed.rank_and_world()[0] != 0:
+            return metrics
         save_json(metrics, run_dir.file("metrics.json"))
         from inference.plots import loss_curve
 
@@ -160,7 +171,6 @@ def run(spec: dict, out: str, overwrite: bool, resume: bool) -> dict:
 def evaluate_run(model, data, spec, result) -> dict:
     """The reported numbers: ELBO (and its terms) per datapoint on each split."""
     k = spec["eval"]["eval_particles"]
-    torch.manual_seed(spec["train"]["seed"] + 1)
     model.eval()
     splits = {"train": (data.train, torch.arange(data.n_train))}
     if getattr(model, "amortized", True):
@@ -175,10 +185,13 @@ def evaluate_run(model, data, spec, result) -> dict:
         # the training rows evaluated at one fixed draw of their binarization
         g = torch.Generator().manual_seed(0)
         splits["train"] = (torch.bernoulli(data.train, generator=g), splits["train"][1])
-    for name, (x, rows) in splits.items():
+    for i, (name, (x, rows)) in enumerate(splits.items()):
         if x.shape[0] == 0:
             continue
-        est = elbo_estimate(model, x, rows, n_particles=k, batch_size=rows_per_batch(k, data.data_dim))
+        # rows split over the processes (if several); each chunk of rows has its own seed
+        est = distributed.estimate_rows(lambda xb, rb: elbo_terms(model, xb, rb, k), x, rows,
+                                        chunk_size=rows_per_batch(k, data.data_dim),
+                                        seed=distributed.chunk_seed(spec["train"]["seed"] + 1, i))
         metrics[f"{name}_elbo"] = est["elbo"].to_dict()
         metrics[f"{name}_recon"] = est["recon"].to_dict()
         metrics[f"{name}_kl"] = est["kl"].to_dict()
@@ -201,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = _spec_from_args(p, args)
         out, overwrite, resume = args.out, args.overwrite, False
     metrics = run(spec, out, overwrite, resume)
+    if distributed.rank_and_world()[0] != 0:
+        return 0
     line = f"{spec['model']}: train ELBO {metrics['train_elbo']['mean']:.3f} ± {metrics['train_elbo']['se']:.3f}"
     if "test_elbo" in metrics:
         line += f", test ELBO {metrics['test_elbo']['mean']:.3f} ± {metrics['test_elbo']['se']:.3f}"
