@@ -19,19 +19,20 @@ import models
 from inference.errors import UsageError
 from inference.evaluate import elbo_estimate
 from inference.files import save_json
-from inference.train import TrainConfig, check_config_for_data, fit
+from inference.train import TrainConfig, check_config_for_data, check_objective_for_model, fit
 from scripts import _cli
 
 PROG = "fit.py"
 MODEL_FLAGS = {  # CLI flag -> Config field; a flag the chosen model has no field for is an error
     "guide": "guide", "latent_dim": "latent_dim", "hidden": "hidden", "activation": "activation",
-    "n_components": "n_components",
+    "n_components": "n_components", "prior": "prior",
 }
 RESUME_FLAGS = {"epochs", "steps", "threads", "progress", "resume"}
 
 EXAMPLES = """examples:
   python -m scripts.fit --model ppca --latent-dim 10 --out runs/ppca
   python -m scripts.fit --model ppca --data X.npy --latent-dim 3 --out runs/mine
+  python -m scripts.fit --model gaussian --data X.npy --guide full-rank --steps 2000 --lr 0.02 --out runs/bayes
   python -m scripts.fit --resume runs/ppca --epochs 50
 """
 
@@ -41,7 +42,10 @@ def build_parser():
     g = p.add_argument_group("model")
     g.add_argument("--model", default="ppca", choices=models.model_names(), help="model family")
     g.add_argument("--guide", default=None, help="guide family (the model's default if omitted; "
-                   "ppca: amortized-full, amortized-diag, per-datapoint)")
+                   "ppca: amortized-full, amortized-diag, per-datapoint, per-datapoint-full; "
+                   "gaussian: mean-field, full-rank, structured)")
+    g.add_argument("--prior", default=None, help="gaussian: normal-wishart (default), normal-gamma (1-D data), "
+                   "known-scale")
     g.add_argument("--latent-dim", type=_cli.positive_int, default=None, help="latent dimension k")
     g.add_argument("--hidden", type=_cli.int_list, default=None, help="hidden layer sizes, e.g. 300,300")
     g.add_argument("--activation", default=None, help="hidden activation: relu, elu, tanh, softplus")
@@ -50,7 +54,8 @@ def build_parser():
     _cli.add_train_args(p)
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-particles", type=_cli.positive_int, default=10,
-                   help="samples per datapoint for the reported ELBO")
+                   help="samples per datapoint for the reported ELBO (models with global latents, "
+                        "e.g. gaussian: draws of the whole set's ELBO)")
     _cli.add_out_args(p, resume=True)
     return p
 
@@ -104,6 +109,7 @@ def run(spec: dict, out: str, overwrite: bool, resume: bool) -> dict:
     check_config_for_data(train, data)
     torch.manual_seed(train.seed)
     model = models.build_model(spec["model"], spec["model_config"], data.data_dim, data.n_train)
+    check_objective_for_model(model, data, train)
     run_dir = _cli.RunDir(out, overwrite=overwrite, resume=resume)
     with run_dir:
         if overwrite and not resume:
@@ -154,6 +160,11 @@ def evaluate_run(model, data, spec, result) -> dict:
     extra = getattr(model, "closed_form_metrics", None)
     if extra is not None:
         metrics.update(extra(data))
+    if "train_log_evidence" in metrics and "train_elbo" in metrics:
+        # an exact log evidence log p(X) (global latents): its gap to the ELBO is KL(q || p(theta | X))
+        elbo = metrics["train_elbo"]
+        kl = metrics["train_log_evidence"] - elbo["mean"]
+        metrics["train_kl_to_posterior"] = {"mean": kl, "se": elbo["se"], "total_nats": kl * data.n_train}
     return metrics
 
 
