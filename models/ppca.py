@@ -323,6 +323,8 @@ def em(x: torch.Tensor, latent_dim: int, steps: int = 1000, tol: float = 1e-10, 
     Returns (W, loc, noise_scale, n_steps, mean log-likelihood per step (list)).
     Stops when the mean log-likelihood improves by less than ``tol`` nats per row.
     """
+    if steps < 1:
+        raise ConfigError(f"EM needs steps >= 1, got {steps}")
     x = x.double()
     n, d = x.shape
     mean, S = sample_covariance(x)

@@ -241,9 +241,13 @@ def _check_guide(guide, m, x, res, particles, var_tolerance):
     assert float(z_precision.abs().max()) < 0.1
     assert kl > -3 * kl_se  # KL >= 0 within 3 standard errors
     if guide == "mean-field":
-        # the notes' "variational inference underestimates variance", measured (about
-        # 1 - rho^2 = 0.36 at correlation 0.8)
-        assert float(var_ratio.max()) < 0.6
+        # the notes' "variational inference underestimates variance", measured against the
+        # exact marginal variances: every coordinate under, by about 1 / (E[precision_ii]
+        # E[covariance_ii]) of the exact posterior (1 - rho^2 = 0.36 at correlation 0.8;
+        # 10%: the guide's E_q[precision] is not exactly E[precision])
+        assert float(var_ratio.max()) < 1
+        expected = 1 / (torch.diagonal(exact["precision_mean"]) * torch.diagonal(exact["covariance_mean"]))
+        torch.testing.assert_close(var_ratio, expected, rtol=0.1, atol=0)
         # and by exactly the amount the coordinate-wise optimum predicts: the best
         # independent q(loc_i) has variance 1 / (kappa_N E_q[precision_ii]) (5%: Monte
         # Carlo error of 20,000 draws is 1%, the rest is SVI's)
@@ -278,9 +282,13 @@ def _check_nuts(m, x, r):
         # the chain's mean is within 4 Monte Carlo standard errors (sd / sqrt(ESS)) of the exact mean
         z = (draws.double().mean(0) - mean) / (sd / ess.sqrt())
         assert float(z.abs().max()) < 4, (key, z)
-        # and its spread matches: the relative standard error of a standard deviation is ~1 / sqrt(2 ESS)
+        # and its spread matches, within 4 standard errors of the sample standard deviation:
+        # sd((x - m)^2) / (2 var sqrt(ESS of (x - m)^2)) (1 / sqrt(2 ESS) for a Gaussian; the
+        # squares have their own ESS, far below the mean's for NUTS's antithetic draws)
+        sq = (draws.double() - draws.double().mean(0)) ** 2
         rel = draws.double().std(0) / sd - 1
-        assert bool((rel.abs() < 4 / (2 * ess).sqrt()).all()), (key, rel)
+        se_rel = sq.std(0) / (2 * sq.mean(0) * effective_sample_size(sq).sqrt())
+        assert bool((rel.abs() < 4 * se_rel).all()), (key, rel, se_rel)
 
 
 @pytest.mark.slow
@@ -288,7 +296,7 @@ def test_nuts_agrees_with_the_exact_posterior_long():
     n = 300
     x = gaussian_rows(n, d=3, seed=9)
     m = build(n, d=3)
-    r = run_nuts(m, x, num_samples=1500, warmup_steps=500, seed=1)
+    r = run_nuts(m, x, num_samples=1000, warmup_steps=400, seed=1)
     _check_nuts(m, x, r)
 
 
@@ -361,3 +369,19 @@ def test_fit_cli_ppca_refuses_prior(tmp_path, capsys):
     code = fit_script.main(["--model", "ppca", "--prior", "known-scale", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--prior does not apply to --model ppca" in err
+
+
+def test_fit_cli_gaussian_on_the_digits(tmp_path):
+    """The built-in data: 64 pixels, a Normal-Wishart over 64 means and 2,080 precision
+    entries; a short mean-field fit reports the exact posterior beside the guide's."""
+    out = tmp_path / "run"
+    assert fit_script.main(["--model", "gaussian", "--steps", "30", "--lr", "0.05", "--batch-size", "1257",
+                            "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    data = loaders.load_dataset("digits")
+    post = models.build_model("gaussian", {}, 64, data.n_train).exact_posterior(data.train)
+    np.testing.assert_allclose(m["exact_posterior"]["loc_mean"], post.loc.numpy(), rtol=0, atol=1e-12)
+    assert np.array(m["guide_posterior"]["precision_mean"]).shape == (64, 64)
+    # 30 steps are far from the posterior, and the reported KL says so (3 standard errors)
+    assert m["train_kl_to_posterior"]["mean"] > 3 * m["train_kl_to_posterior"]["se"]
+    assert m["train_elbo"]["mean"] < m["train_log_evidence"]
