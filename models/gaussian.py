@@ -44,6 +44,12 @@ Guides (``GaussianConfig.guide``): ``mean-field`` (Pyro's AutoNormal), ``full-ra
 posterior's: a Normal-Wishart through the same Bartlett sites, a Normal-Gamma, or an
 isotropic Normal). The latents are global (outside the data plate), so the model is
 not ``amortized``: there are no per-row latents to infer for held-out rows.
+
+Measured (tests/test_gaussian.py: 500 rows of a 2-D Gaussian with correlation 0.8,
+full-batch SVI): every guide's posterior means within 0.06 exact posterior standard
+deviations; the mean-field guide's variance of loc is 0.35-0.37 of the exact marginal
+variance (1 - rho^2 = 0.36: "variational inference underestimates variance") and its
+KL to the posterior 0.84 nats, against 0.02 (full-rank) and 0.002 (structured).
 """
 
 from __future__ import annotations
@@ -515,7 +521,6 @@ class BayesianGaussian(PyroModule):
                                     .to_event(1))  # (..., 1)
             scale = precision.rsqrt()  # (..., 1)
         else:
-            precision = None
             scale = x.new_full((d,), cfg.noise_scale)  # (d,)
         loc = pyro.sample("loc", dist.Normal(m0, scale / math.sqrt(kappa0)).to_event(1))  # (..., d)
         with data_plate(self.n_data, x, idx):
