@@ -32,7 +32,8 @@ RESUME_FLAGS = {"epochs", "steps", "threads", "progress", "resume"}
 EXAMPLES = """examples:
   python -m scripts.fit --model ppca --latent-dim 10 --out runs/ppca
   python -m scripts.fit --model ppca --data X.npy --latent-dim 3 --out runs/mine
-  python -m scripts.fit --model gaussian --data X.npy --guide full-rank --steps 2000 --lr 0.02 --out runs/bayes
+  python -m scripts.fit --model gaussian --data X.npy --guide structured --steps 400 --lr 0.1 --lr-final 1e-4 \\
+      --n-particles 8 --out runs/bayes
   python -m scripts.fit --resume runs/ppca --epochs 50
 """
 
