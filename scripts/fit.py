@@ -22,22 +22,24 @@ import torch
 import models
 from inference.errors import UsageError
 from inference import distributed
-from inference.evaluate import elbo_terms
+from inference.evaluate import elbo_estimate, elbo_terms, global_latent_sites
 from inference.files import save_json
 from inference.train import (CHECKPOINT, MAX_TENSOR_ELEMENTS, TrainConfig, check_checkpoint, check_config_for_data,
-                             fit, rows_per_batch)
+                             check_objective_for_model, fit, rows_per_batch)
 from scripts import _cli
 
 PROG = "fit.py"
 MODEL_FLAGS = {  # CLI flag -> Config field; a flag the chosen model has no field for is an error
     "guide": "guide", "latent_dim": "latent_dim", "hidden": "hidden", "activation": "activation",
-    "n_components": "n_components",
+    "n_components": "n_components", "prior": "prior",
 }
 RESUME_FLAGS = {"epochs", "steps", "threads", "progress", "resume"}
 
 EXAMPLES = """examples:
   python -m scripts.fit --model ppca --latent-dim 10 --out runs/ppca
   python -m scripts.fit --model ppca --data X.npy --latent-dim 3 --out runs/mine
+  python -m scripts.fit --model gaussian --data X.npy --guide structured --steps 400 --lr 0.1 --lr-final 1e-4 \\
+      --n-particles 8 --out runs/bayes
   python -m scripts.fit --resume runs/ppca --epochs 50
   python -m scripts.fit --model ppca --devices 2 --strategy ddp --batch-size 50 --out runs/ddp
 """
@@ -48,7 +50,10 @@ def build_parser():
     g = p.add_argument_group("model")
     g.add_argument("--model", default="ppca", choices=models.model_names(), help="model family")
     g.add_argument("--guide", default=None, help="guide family (the model's default if omitted; "
-                   "ppca: amortized-full, amortized-diag, per-datapoint)")
+                   "ppca: amortized-full, amortized-diag, per-datapoint, per-datapoint-full; "
+                   "gaussian: mean-field, full-rank, structured)")
+    g.add_argument("--prior", default=None, help="gaussian: normal-wishart (default), normal-gamma (1-D data), "
+                   "known-scale")
     g.add_argument("--latent-dim", type=_cli.positive_int, default=None, help="latent dimension k")
     g.add_argument("--hidden", type=_cli.int_list, default=None, help="hidden layer sizes, e.g. 300,300")
     g.add_argument("--activation", default=None, help="hidden activation: relu, elu, tanh, softplus")
@@ -57,7 +62,8 @@ def build_parser():
     _cli.add_train_args(p)
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-particles", type=_cli.positive_int, default=10,
-                   help="samples per datapoint for the reported ELBO")
+                   help="samples per datapoint for the reported ELBO (models with global latents, "
+                        "e.g. gaussian: draws of the whole set's ELBO)")
     _cli.add_out_args(p, resume=True)
     return p
 
@@ -137,6 +143,7 @@ def run(spec: dict, out: str, overwrite: bool, resume: bool) -> dict:
                          f"{MAX_TENSOR_ELEMENTS:.3g} values allowed in one tensor; lower --eval-particles")
     torch.manual_seed(train.seed)
     model = models.build_model(spec["model"], spec["model_config"], data.data_dim, data.n_train)
+    check_objective_for_model(model, data, train)
     # under DDP every process runs this; only (global) rank 0 locks and writes the directory
     run_dir = _cli.RunDir(out, overwrite=overwrite, resume=resume, rank=distributed.launch_rank(train.devices))
     if resume and os.path.isfile(run_dir.file(CHECKPOINT)):
@@ -185,19 +192,28 @@ def evaluate_run(model, data, spec, result) -> dict:
         # the training rows evaluated at one fixed draw of their binarization
         g = torch.Generator().manual_seed(0)
         splits["train"] = (torch.bernoulli(data.train, generator=g), splits["train"][1])
+    global_latents = bool(global_latent_sites(model, data.train[:2], torch.arange(2)))
     for i, (name, (x, rows)) in enumerate(splits.items()):
         if x.shape[0] == 0:
             continue
-        # rows split over the processes (if several); each chunk of rows has its own seed
-        est = distributed.estimate_rows(lambda xb, rb: elbo_terms(model, xb, rb, k), x, rows,
-                                        chunk_size=rows_per_batch(k, data.data_dim),
-                                        seed=distributed.chunk_seed(spec["train"]["seed"] + 1, i))
+        if global_latents:  # no per-row ELBO: the whole set's, over k draws of the globals
+            torch.manual_seed(distributed.chunk_seed(spec["train"]["seed"] + 1, i))
+            est = elbo_estimate(model, x, rows, n_particles=k)
+        else:  # rows split over the processes (if several); each chunk of rows has its own seed
+            est = distributed.estimate_rows(lambda xb, rb: elbo_terms(model, xb, rb, k), x, rows,
+                                            chunk_size=rows_per_batch(k, data.data_dim),
+                                            seed=distributed.chunk_seed(spec["train"]["seed"] + 1, i))
         metrics[f"{name}_elbo"] = est["elbo"].to_dict()
         metrics[f"{name}_recon"] = est["recon"].to_dict()
         metrics[f"{name}_kl"] = est["kl"].to_dict()
     extra = getattr(model, "closed_form_metrics", None)
     if extra is not None:
         metrics.update(extra(data))
+    if "train_log_evidence" in metrics and "train_elbo" in metrics:
+        # an exact log evidence log p(X) (global latents): its gap to the ELBO is KL(q || p(theta | X))
+        elbo = metrics["train_elbo"]
+        kl = metrics["train_log_evidence"] - elbo["mean"]
+        metrics["train_kl_to_posterior"] = {"mean": kl, "se": elbo["se"], "total_nats": kl * data.n_train}
     return metrics
 
 

@@ -212,7 +212,7 @@ def test_expected_log_lik_against_monte_carlo(ppca2, digits):
     _, test = digits
     x = test[:3]
     W, loc, s = ids._params(ppca2)
-    q = ppca2.encoder.dist(x)
+    q = ppca2.guide_dist(x)
     z = q.sample((20000,))  # (n, 3, k)
     ll = torch.distributions.Normal(z @ W.T + loc, s).log_prob(x).sum(-1)  # (n, 3)
     exact = ids.expected_log_lik(x, W, loc, s, q.loc, q.covariance_matrix[0])

@@ -682,7 +682,7 @@ class PoisonedPPCA(models.ppca.PPCA):
     calls = 0
 
     def model(self, x, idx=None):
-        if idx is not None:
+        if idx is not None and torch.is_grad_enabled():  # training steps only (checks run without grad)
             type(self).calls += 1
             if type(self).calls == self.poison_at:
                 with pyro.validation_enabled(False):
@@ -692,7 +692,8 @@ class PoisonedPPCA(models.ppca.PPCA):
 
 def test_nonfinite_loss_through_cli_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(models.REGISTRY, "poisoned", (models.ppca.PPCAConfig, PoisonedPPCA))
-    monkeypatch.setattr(PoisonedPPCA, "poison_at", 1 + 30)  # call 1 is the warm-up: step 30 is poisoned
+    # grad-enabled call 1 is the driver's warm-up pass (with a backward): step 30 is call 31
+    monkeypatch.setattr(PoisonedPPCA, "poison_at", 1 + 30)
     monkeypatch.setattr(PoisonedPPCA, "calls", 0)
     argv = [a if a != "ppca" else "poisoned" for a in TINY] + ["--epochs", "5", "--checkpoint-every", "1"]
     out = tmp_path / "bad"

@@ -60,7 +60,7 @@ class PoisonedPPCA(models.ppca.PPCA):
     calls = 0
 
     def model(self, x, idx=None):
-        if idx is not None and x.shape[0] == self.batch:
+        if idx is not None and torch.is_grad_enabled():  # training steps only (warm-up runs without grad)
             type(self).calls += 1
             if type(self).calls == self.poison_at:
                 with pyro.validation_enabled(False):  # validation would refuse the NaN itself
@@ -78,7 +78,7 @@ def test_nonfinite_loss_stops_before_the_update(tmp_path):
         m.batch, PoisonedPPCA.poison_at, PoisonedPPCA.calls = 40, poison_at, 0
         return m
 
-    bad = run(poison_at=13)  # call 1 is the warm-up pass, so step 12 is poisoned
+    bad = run(poison_at=1 + 12)  # grad-enabled call 1 is the driver's warm-up: step 12 is call 13
     with pytest.raises(NonFiniteError, match="step 12: the loss is nan; parameters not updated") as e:
         fit(bad, data, cfg)
     assert e.value.step == 12
