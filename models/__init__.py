@@ -13,13 +13,15 @@ from typing import Any
 import pyro
 
 from models.common import ConfigError, config_from_dict, config_to_dict
-from models import ppca
+from models import ppca, vae
 
 pyro.settings.set(module_local_params=True)
 
 # name -> (Config class, model class); a model class takes (config, data_dim, n_data).
 REGISTRY: dict[str, tuple[type, type]] = {
     "ppca": (ppca.PPCAConfig, ppca.PPCA),
+    "vae": (vae.VAEConfig, vae.VAE),
+    "gmvae": (vae.GMVAEConfig, vae.GMVAE),
 }
 
 
