@@ -3,7 +3,11 @@
 Writes into --out DIR: config.json (everything needed to rebuild the run),
 checkpoint.ckpt, history.csv (per step), metrics.json (train / validation / test
 ELBO in nats per datapoint with standard errors, steps, seconds, the config, and a
-model's exact numbers where it has them) and loss_curve.png.
+model's exact numbers where it has them) and loss_curve.png. With an amortized guide
+also the importance-sampled test log-likelihood (K = --n-samples draws per row;
+under ``test_log_likelihood``, or ``test_log_likelihood_is`` beside a model's exact
+value) and the active units; for image models prior_samples.png,
+reconstructions.png and latent_means.png.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 
 import models
 from inference.errors import UsageError
-from inference.evaluate import elbo_estimate
+from inference.evaluate import active_units, elbo_estimate, importance_estimates, tune_malloc
 from inference.files import save_json
 from inference.train import TrainConfig, check_config_for_data, fit
 from scripts import _cli
@@ -27,11 +31,15 @@ MODEL_FLAGS = {  # CLI flag -> Config field; a flag the chosen model has no fiel
     "guide": "guide", "latent_dim": "latent_dim", "hidden": "hidden", "activation": "activation",
     "n_components": "n_components",
 }
-RESUME_FLAGS = {"epochs", "steps", "threads", "progress", "resume"}
+RESUME_FLAGS = {"epochs", "steps", "threads", "progress", "resume", "n_samples"}
+N_SAMPLES = 1000  # default importance samples per row for the test log-likelihood
 
 EXAMPLES = """examples:
   python -m scripts.fit --model ppca --latent-dim 10 --out runs/ppca
   python -m scripts.fit --model ppca --data X.npy --latent-dim 3 --out runs/mine
+  python -m scripts.fit --model vae --objective iwae --n-particles 5 --out runs/vae
+  python -m scripts.fit --model gmvae --dataset mnist --data-dir ../shared/data/mnist \
+      --hidden 300,300 --activation elu --latent-dim 10 --n-components 500 --steps 20000 --out runs/gmvae
   python -m scripts.fit --resume runs/ppca --epochs 50
 """
 
@@ -51,6 +59,8 @@ def build_parser():
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-particles", type=_cli.positive_int, default=10,
                    help="samples per datapoint for the reported ELBO")
+    e.add_argument("--n-samples", type=_cli.positive_int, default=N_SAMPLES,
+                   help="importance samples K per row for the test log-likelihood (amortized guides)")
     _cli.add_out_args(p, resume=True)
     return p
 
@@ -71,7 +81,7 @@ def _spec_from_args(p, args) -> dict:
     likelihood = models.REGISTRY[args.model][1].likelihood
     return {"model": args.model, "model_config": models.config_to_dict(model_config),
             "train": train.to_dict(), "data": _cli.data_spec(args, likelihood),
-            "eval": {"eval_particles": args.eval_particles}}
+            "eval": {"eval_particles": args.eval_particles, "n_samples": args.n_samples}}
 
 
 def _resume_spec(p, args, argv) -> dict:
@@ -92,6 +102,8 @@ def _resume_spec(p, args, argv) -> dict:
     for key in ("epochs", "steps", "threads", "progress"):
         if key in given or (key == "progress" and "no_progress" in given):
             spec["train"][key] = getattr(args, key)
+    if "n_samples" in given:
+        spec["eval"]["n_samples"] = args.n_samples
     if "steps" in given:
         spec["train"]["epochs"] = None
     return spec
@@ -117,12 +129,13 @@ def run(spec: dict, out: str, overwrite: bool, resume: bool) -> dict:
         metrics = evaluate_run(model, data, spec, result)
         metrics["wall_seconds"] = time.perf_counter() - t0
         save_json(metrics, run_dir.file("metrics.json"))
-        from inference.plots import loss_curve
+        from inference.plots import loss_curve, model_pictures
 
         ref = metrics.get("mle_log_likelihood")
         loss_curve(result.history, result.validations, run_dir.file("loss_curve.png"),
                    title=f"{spec['model']} / {train.objective} on {data.name}", reference=ref,
                    reference_label="closed-form max log-likelihood" if ref is not None else "")
+        model_pictures(model, data, out, name=f"{spec['model']} / {train.objective}", seed=train.seed)
     return metrics
 
 
@@ -154,13 +167,32 @@ def evaluate_run(model, data, spec, result) -> dict:
     extra = getattr(model, "closed_form_metrics", None)
     if extra is not None:
         metrics.update(extra(data))
+    if getattr(model, "amortized", True) and data.test.shape[0]:
+        metrics.update(test_likelihood_metrics(model, data.test, spec["eval"].get("n_samples", N_SAMPLES),
+                                               seed=spec["train"]["seed"] + 2, exact="test_log_likelihood" in metrics))
     return metrics
+
+
+def test_likelihood_metrics(model, x, n_samples: int, seed: int, exact: bool = False) -> dict:
+    """The importance-sampled test log-likelihood (K = n_samples) with its standard error,
+    the ELBO from the same draws, and the active units. Stored under
+    ``test_log_likelihood``, or ``test_log_likelihood_is`` when the model already
+    reported its exact value under that name (``exact``)."""
+    est = importance_estimates(model, x, n_samples, seed=seed)
+    key = "test_log_likelihood_is" if exact else "test_log_likelihood"
+    out = {key: {**est["log_likelihood"].to_dict(), "n_samples": n_samples},
+           f"{key.replace('log_likelihood', 'elbo')}_same_draws": {**est["elbo"].to_dict(), "n_samples": n_samples}}
+    if hasattr(model, "encoder"):
+        au = active_units(model, x)
+        out["test_active_units"] = {k: au[k] for k in ("active_units", "latent_dim", "threshold")}
+    return out
 
 
 @_cli.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    tune_malloc()
     if args.resume:
         spec = _resume_spec(p, args, argv)
         out, overwrite, resume = args.resume, False, True
@@ -173,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     line = f"{spec['model']}: train ELBO {metrics['train_elbo']['mean']:.3f} ± {metrics['train_elbo']['se']:.3f}"
     if "test_elbo" in metrics:
         line += f", test ELBO {metrics['test_elbo']['mean']:.3f} ± {metrics['test_elbo']['se']:.3f}"
+    ll = metrics.get("test_log_likelihood")
+    if isinstance(ll, dict):
+        line += f", test log-likelihood (K = {ll['n_samples']}) {ll['mean']:.3f} ± {ll['se']:.3f}"
     line += f" nats/datapoint; {metrics['steps']} steps in {metrics['seconds']:.1f} s -> {out}/metrics.json"
     print(line)
     return 0
