@@ -123,6 +123,8 @@ def validate_matrix(arr, source: str) -> np.ndarray:
 
 
 def check_unit_interval(x: torch.Tensor, source: str) -> None:
+    if x.numel() == 0:  # an empty split (e.g. --val-fraction 0) has nothing to check
+        return
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
         raise DataError(

@@ -202,6 +202,8 @@ def _make_module(model, data: DataSplits, config: TrainConfig, objective: Object
             torch.manual_seed(config.seed + self.global_rank)
             random.seed(config.seed + self.global_rank)
             x0 = data.train[: min(config.batch_size, data.n_train)]
+            if data.binarize == "dynamic":  # grey levels: a Bernoulli model needs a binary draw
+                x0 = torch.bernoulli(x0, generator=torch.Generator().manual_seed(config.seed))
             with torch.no_grad():
                 self.objective(self.model.model, self.model.guide, x0, torch.arange(x0.shape[0]))
 

@@ -21,7 +21,7 @@ import torch
 
 import models
 from inference.errors import UsageError
-from inference.evaluate import active_units, elbo_estimate, importance_estimates, tune_malloc
+from inference.evaluate import IWAELadder, active_units, elbo_estimate, importance_estimates, tune_malloc
 from inference.files import save_json
 from inference.train import TrainConfig, check_config_for_data, fit
 from scripts import _cli
@@ -174,14 +174,18 @@ def evaluate_run(model, data, spec, result) -> dict:
 
 
 def test_likelihood_metrics(model, x, n_samples: int, seed: int, exact: bool = False) -> dict:
-    """The importance-sampled test log-likelihood (K = n_samples) with its standard error,
-    the ELBO from the same draws, and the active units. Stored under
-    ``test_log_likelihood``, or ``test_log_likelihood_is`` when the model already
-    reported its exact value under that name (``exact``)."""
-    est = importance_estimates(model, x, n_samples, seed=seed)
+    """The importance-sampled test log-likelihood (K = n_samples) with its standard error;
+    from the same draws the ELBO, its reconstruction and KL terms and the IWAE_m bounds
+    for m = 1, 10, 100, ... dividing K (``test_importance``); and the active units.
+    The log-likelihood goes under ``test_log_likelihood``, or ``test_log_likelihood_is``
+    when the model already reported its exact value under that name (``exact``)."""
+    sizes = tuple(m for m in (10**i for i in range(7)) if m <= n_samples and n_samples % m == 0)
+    ladder = IWAELadder(int(x.shape[0]), sizes)
+    est = importance_estimates(model, x, n_samples, seed=seed, on_log_weights=ladder)
     key = "test_log_likelihood_is" if exact else "test_log_likelihood"
     out = {key: {**est["log_likelihood"].to_dict(), "n_samples": n_samples},
-           f"{key.replace('log_likelihood', 'elbo')}_same_draws": {**est["elbo"].to_dict(), "n_samples": n_samples}}
+           "test_importance": {"n_samples": n_samples, **{t: est[t].to_dict() for t in ("elbo", "recon", "kl")},
+                               "iwae": {str(m): e.to_dict() for m, e in ladder.estimates().items()}}}
     if hasattr(model, "encoder"):
         au = active_units(model, x)
         out["test_active_units"] = {k: au[k] for k in ("active_units", "latent_dim", "threshold")}

@@ -30,9 +30,13 @@ def gmvae_run(tmp_path_factory):
 
 def test_fit_vae_writes_likelihood_active_units_and_pictures(gmvae_run):
     m = json.loads((gmvae_run / "metrics.json").read_text())
-    ll, elbo = m["test_log_likelihood"], m["test_elbo_same_draws"]
-    assert ll["n_samples"] == 40 and ll["n"] == 270 and ll["se"] > 0
-    assert elbo["mean"] <= ll["mean"]  # same draws: holds row by row, so for the means
+    ll, same = m["test_log_likelihood"], m["test_importance"]
+    assert ll["n_samples"] == 40 and ll["n"] == 270 and ll["se"] > 0 and same["n_samples"] == 40
+    assert same["elbo"]["mean"] <= same["iwae"]["10"]["mean"] <= ll["mean"]  # same draws: row by row
+    assert same["iwae"]["1"]["mean"] == pytest.approx(same["elbo"]["mean"], abs=1e-9)
+    assert sorted(same["iwae"], key=int) == ["1", "10"]  # the m = 10^i dividing K = 40
+    # ELBO = recon - KL, each from float32 log densities: agreement to float32 round-off
+    assert same["elbo"]["mean"] == pytest.approx(same["recon"]["mean"] - same["kl"]["mean"], rel=1e-6)
     assert m["test_active_units"]["latent_dim"] == 3 and 0 <= m["test_active_units"]["active_units"] <= 3
     assert m["config"]["eval"]["n_samples"] == 40
     for f in PICTURES:
