@@ -48,6 +48,10 @@ def check_out(args) -> None:
                          "or --overwrite to retrain them")
     if not os.path.isdir(args.data_dir):
         raise UsageError(f"--data-dir {args.data_dir}: no such directory")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot create it ({e.strerror})") from None
 
 
 def train(name: str, model: str, model_config: dict, train_config: TrainConfig, data_spec: dict,
