@@ -45,7 +45,9 @@ def build_parser():
 
 
 def evaluate(run: _runs.Run, split: str, n_samples: int, seed: int = 0, max_rows: int | None = None,
-             batch_size: int | None = None) -> dict:
+             batch_size: int | None = None, per_row: bool = False) -> dict:
+    """The evaluation record of a run (what evaluation.json holds); ``per_row`` adds each
+    row's log-likelihood estimate (for paired comparisons of runs on the same rows)."""
     data, model = run.data, run.model
     x = getattr(data, split)
     rows = None
@@ -74,6 +76,8 @@ def evaluate(run: _runs.Run, split: str, n_samples: int, seed: int = 0, max_rows
     }
     if hasattr(model, "encoder"):
         out["active_units"] = active_units(model, x, rows)
+    if per_row:
+        out["log_likelihood_per_row"] = [float(v) for v in est["log_likelihood"].values]
     return out
 
 

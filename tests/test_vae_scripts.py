@@ -108,3 +108,35 @@ def test_fit_vae_rejects_bad_model_flags(tmp_path, capsys):
     assert fit_script.main(["--model", "vae", "--binarize", "none", "--out", str(out)]) == 2
     assert "pass --binarize threshold, static or dynamic" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- reproduction scripts
+
+
+def test_burda_schedule():
+    from scripts.reproduce_iwae import burda_lr, runs_to_train
+
+    # 3^i epochs at 1e-3 * 10^(-i/7), i = 0..7: 1 + 3 + ... + 3^7 = 3280 epochs in all
+    assert burda_lr(1) == 1e-3
+    assert burda_lr(2) == burda_lr(4) == pytest.approx(1e-3 * 10 ** (-1 / 7), rel=1e-12)
+    assert burda_lr(5) == burda_lr(13) == pytest.approx(1e-3 * 10 ** (-2 / 7), rel=1e-12)
+    assert burda_lr(3280) == burda_lr(5000) == pytest.approx(1e-4, rel=1e-12)
+    assert runs_to_train((1, 5)) == [("vae-k1", "elbo", 1), ("vae-k5", "elbo", 5), ("iwae-k5", "iwae", 5)]
+
+
+@pytest.mark.parametrize("script", ["reproduce_cs236", "reproduce_iwae"])
+def test_reproduction_scripts_bad_input(tmp_path, capsys, script):
+    import importlib
+
+    main = importlib.import_module(f"scripts.{script}").main
+    out = tmp_path / "out"
+    assert main(["--data-dir", str(tmp_path / "none"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("no such directory") and len(err.splitlines()) == 1 and not out.exists()
+    out.mkdir()
+    (out / "table.md").write_text("old")
+    assert main(["--data-dir", str(tmp_path), "--out", str(out)]) == 2
+    assert "not empty; pass --reuse" in capsys.readouterr().err
+    assert main(["--data-dir", str(tmp_path), "--out", str(out), "--reuse", "--overwrite"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert (out / "table.md").read_text() == "old"
