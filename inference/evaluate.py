@@ -108,6 +108,10 @@ def importance_estimates(model, x: torch.Tensor, n_samples: int, rows: torch.Ten
     fixed seed (the global RNG state is restored afterwards). ``on_log_weights(start,
     log_w)``: called once per row chunk with its log weights (B_chunk, K), float64, rows
     ``start .. start + B_chunk - 1`` of x (e.g. for a Pareto-k diagnostic per row).
+
+    Not ``pyro.infer.Importance``: it draws one particle at a time (200-500x slower
+    here, PITFALLS.md) and sums over the data plate; this draws a chunk of particles
+    as one vectorized plate and keeps each row's weights.
     """
     if int(n_samples) != n_samples or n_samples < 1:
         raise UsageError(f"--n-samples must be an integer >= 1, got {n_samples}")
