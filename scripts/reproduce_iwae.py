@@ -40,7 +40,7 @@ PUBLISHED_NLL = {("vae", 1): 86.76, ("vae", 5): 86.47, ("vae", 50): 86.35,
 PAPER_EPOCHS = 3280
 
 EXAMPLES = """examples:
-  python -m scripts.reproduce_iwae --data-dir ../shared/data/mnist --out runs/iwae --epochs 5 --threads 1
+  python -m scripts.reproduce_iwae --data-dir ../shared/data/mnist --out runs/iwae --epochs 10 --threads 1
   python -m scripts.reproduce_iwae --epochs 1 --ks 1,5 --test-rows 200 --n-samples 500 --out runs/iwae-short
 """
 
@@ -58,7 +58,7 @@ def burda_lr(epoch: float, lr: float = 1e-3) -> float:
 def build_parser():
     p = _cli.parser(PROG, __doc__, EXAMPLES)
     _reproduce.add_common_args(p, out="runs/iwae")
-    p.add_argument("--epochs", type=_cli.positive_int, default=5, help="training epochs per model (paper: 3280)")
+    p.add_argument("--epochs", type=_cli.positive_int, default=10, help="training epochs per model (paper: 3280)")
     p.add_argument("--batch-size", type=_cli.positive_int, default=20, help="rows per mini-batch (paper: 20)")
     p.add_argument("--ks", type=_cli.int_list, default=(1, 5, 50), help="training samples K, comma-separated")
     p.add_argument("--n-samples", type=_cli.positive_int, default=5000, help="importance samples per test image")
