@@ -1,4 +1,5 @@
-"""Evaluation: per-datapoint ELBO and its terms, as means with standard errors.
+"""Evaluation: per-datapoint ELBO and its terms, importance-sampled log-likelihoods
+and active units, as means with standard errors.
 
 Every number is per datapoint in nats. An :class:`Estimate` carries the mean over
 the rows of a set, its standard error (over rows: the spread of the per-row values
@@ -14,15 +15,25 @@ independent draws (``Estimate.n`` is then the number of draws).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from inference.errors import UsageError
 from inference.objectives import DATA_PLATE, PARTICLES_PLATE, log_weights
+
+# Default chunk size: particles x rows x data_dim elements of the decoder's output per
+# log-weight call (2^22 float32 = 16 MB; a few such tensors live at once).
+MAX_ELEMENTS = 2**22
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015: a unit is active if Cov_x(E_q[z_u | x]) > 0.01
 
 
 @dataclass
@@ -132,3 +143,149 @@ def elbo_estimate(model, x: torch.Tensor, rows: torch.Tensor | None = None, n_pa
         for k in parts:
             parts[k].append(terms[k])
     return {k: Estimate.of(torch.cat(v)) for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------- importance sampling
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(size, n - start)
+
+
+def chunk_sizes(n_rows: int, n_samples: int, data_dim: int, batch_size: int | None = None,
+                particle_chunk: int | None = None, max_elements: int = MAX_ELEMENTS) -> tuple[int, int]:
+    """(rows per chunk, particles per chunk) so that one chunk's decoder output,
+    particles x rows x data_dim, stays near ``max_elements``."""
+    rows = batch_size or max(1, min(n_rows, 100, max_elements // max(1, data_dim)))
+    particles = particle_chunk or max(1, min(n_samples, max_elements // max(1, rows * data_dim)))
+    return max(1, min(rows, n_rows)), max(1, min(particles, n_samples))
+
+
+def importance_estimates(model, x: torch.Tensor, n_samples: int, rows: torch.Tensor | None = None, *,
+                         batch_size: int | None = None, particle_chunk: int | None = None,
+                         max_elements: int = MAX_ELEMENTS, seed: int | None = None,
+                         on_log_weights: Callable[[int, torch.Tensor], None] | None = None
+                         ) -> dict[str, Estimate]:
+    """Importance-sampled log-likelihood per row, and the ELBO and its terms from the
+    same draws, each an :class:`Estimate` over the rows of ``x`` (N, D)::
+
+        log_likelihood_i = log (1/K) sum_k w_ik,  w_ik = p(x_i, z_ik) / q(z_ik | x_i),  z_ik ~ q(z | x_i)
+        elbo_i = (1/K) sum_k log w_ik,  recon_i = (1/K) sum_k log p(x_i | z_ik),
+        kl_i = (1/K) sum_k [log q(z_ik | x_i) - log p(z_ik)]
+
+    The log-likelihood estimate is the IWAE bound with K = ``n_samples``: a lower bound
+    of log p(x_i) in expectation, tight as K grows; elbo_i <= log_likelihood_i for every
+    row (Jensen, same draws). The rows go in chunks of ``batch_size`` and the particles
+    in chunks of ``particle_chunk`` (by default both chosen so that one chunk holds
+    about ``max_elements`` decoder outputs), the sum over particles accumulated as a
+    streaming logsumexp in float64: memory does not grow with K or N. ``rows``: the
+    training-row indices of x (per-datapoint guides need them). ``seed``: draw under a
+    fixed seed (the global RNG state is restored afterwards). ``on_log_weights(start,
+    log_w)``: called once per row chunk with its log weights (B_chunk, K), float64, rows
+    ``start .. start + B_chunk - 1`` of x (e.g. for a Pareto-k diagnostic per row).
+
+    Not ``pyro.infer.Importance``: it draws one particle at a time (200-500x slower
+    here, PITFALLS.md) and sums over the data plate; this draws a chunk of particles
+    as one vectorized plate and keeps each row's weights.
+    """
+    if int(n_samples) != n_samples or n_samples < 1:
+        raise UsageError(f"--n-samples must be an integer >= 1, got {n_samples}")
+    n_samples, n = int(n_samples), int(x.shape[0])
+    if n == 0:
+        raise UsageError("importance sampling needs at least one row")
+    if rows is not None and rows.shape[0] != n:
+        raise UsageError(f"rows has {rows.shape[0]} indices for {n} rows of x")
+    b_size, k_size = chunk_sizes(n, n_samples, int(x[0].numel()), batch_size, particle_chunk, max_elements)
+    nesting = getattr(model, "max_plate_nesting", 1)
+    out = {key: torch.empty(n, dtype=torch.float64) for key in ("log_likelihood", "elbo", "recon", "kl")}
+    rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
+    with rng, torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        for start, b in _chunks(n, b_size):
+            xb = x[start : start + b]
+            rb = None if rows is None else rows[start : start + b]
+            lse = torch.full((b,), -math.inf, dtype=torch.float64)
+            sums = torch.zeros(3, b, dtype=torch.float64)  # log w, log p(x|z), log q - log p(z)
+            kept = [] if on_log_weights is not None else None
+            for _, kc in _chunks(n_samples, k_size):
+                lw = log_weights(model.model, model.guide, xb, rb, kc, nesting)
+                log_w = lw.log_w.double()  # (kc, b)
+                lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
+                sums += torch.stack([log_w.sum(0), lw.log_lik.double().sum(0),
+                                     (lw.log_q - lw.log_prior).double().sum(0)])
+                if kept is not None:
+                    kept.append(log_w.T)
+            out["log_likelihood"][start : start + b] = lse - math.log(n_samples)
+            out["elbo"][start : start + b], out["recon"][start : start + b], out["kl"][start : start + b] = (
+                sums / n_samples)
+            if kept is not None:
+                on_log_weights(start, torch.cat(kept, 1))  # (b, K)
+    return {key: Estimate.of(v) for key, v in out.items()}
+
+
+def importance_log_likelihood(model, x: torch.Tensor, n_samples: int, rows: torch.Tensor | None = None,
+                              **kwargs) -> Estimate:
+    """log p(x_i) ~= log (1/K) sum_k p(x_i, z_k) / q(z_k | x_i) per row, K = ``n_samples``:
+    see :func:`importance_estimates` (same arguments)."""
+    return importance_estimates(model, x, n_samples, rows, **kwargs)["log_likelihood"]
+
+
+def active_units(model, x: torch.Tensor, rows: torch.Tensor | None = None,
+                 threshold: float = ACTIVE_UNIT_THRESHOLD, batch_size: int = 1000) -> dict:
+    """Burda et al. (2015)'s active units: latent dimension u is active when
+    Cov_x(E_q[z_u | x]) > ``threshold`` over the rows of x (population variance of the
+    guide's means). Returns the count, the dimension and each unit's variance."""
+    with torch.no_grad():
+        means = torch.cat([model.guide_dist(x[s : s + b], None if rows is None else rows[s : s + b]).mean
+                           for s, b in _chunks(int(x.shape[0]), batch_size)]).double()  # (N, k)
+    var = means.var(0, unbiased=False)
+    return {"active_units": int((var > threshold).sum()), "latent_dim": int(var.numel()),
+            "threshold": threshold, "variances": [float(v) for v in var]}
+
+
+# ----------------------------------------------------------------------------- memory
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def tune_malloc(threshold: int = 1 << 30) -> bool:
+    """Ask glibc to keep freed memory instead of returning it to the system after every
+    large tensor (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD), which speeds up chunked
+    evaluations of large K x batch tensors (measured 1.6-2x here; see PITFALLS.md). The
+    same as setting MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment.
+    Process-wide: for scripts to call, not libraries. False where glibc is absent."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mmap_cap = min(threshold, 32 << 20)  # glibc caps the mmap threshold at 32 MB on 64-bit
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_cap)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))
+
+
+class IWAELadder:
+    """A callback for :func:`importance_estimates` that turns each row's K log weights
+    into IWAE_m bounds for several m dividing K, from the same draws: the K draws are
+    split into K/m groups of m, and the row's IWAE_m is the mean of the groups'
+    log-mean-exp (an unbiased estimate of E[IWAE_m], with less noise than one group).
+    m = 1 is the ELBO, m = K the K-sample log-likelihood estimate."""
+
+    def __init__(self, n_rows: int, sizes: tuple[int, ...]):
+        if not sizes or min(sizes) < 1:
+            raise UsageError(f"IWAE group sizes must be positive integers, got {sizes}")
+        self.sizes = tuple(sorted(set(int(m) for m in sizes)))
+        self.values = {m: torch.full((n_rows,), math.nan, dtype=torch.float64) for m in self.sizes}
+
+    def __call__(self, start: int, log_w: torch.Tensor) -> None:
+        b, k = log_w.shape  # (rows, K)
+        for m in self.sizes:
+            if k % m:
+                raise UsageError(f"IWAE group size {m} does not divide the {k} samples")
+            groups = log_w.reshape(b, k // m, m)
+            self.values[m][start : start + b] = (torch.logsumexp(groups, -1) - math.log(m)).mean(-1)
+
+    def estimates(self) -> dict[int, Estimate]:
+        return {m: Estimate.of(v) for m, v in self.values.items()}

@@ -69,6 +69,10 @@ class DataSplits:
     binarize: str = "none"
     image_shape: tuple[int, int] | None = None
     source: str = ""
+    # class labels (N,) int64 of each split where the data set has them (digits, IDX sets)
+    train_labels: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
 
     @property
     def data_dim(self) -> int:
@@ -135,6 +139,8 @@ def validate_matrix(arr, source: str) -> np.ndarray:
 
 
 def check_unit_interval(x: torch.Tensor, source: str) -> None:
+    if x.numel() == 0:  # an empty split (e.g. --val-fraction 0) has nothing to check
+        return
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
         raise DataError(
@@ -429,17 +435,18 @@ def load_dataset(
             train=to_t(x[tr]), val=to_t(x[va]), test=to_t(x[te]), source=data_path,
         )
     elif name == "digits":
-        x, _ = load_digits()
+        x, y = load_digits()
         tr, va, te = _split_rows(x.shape[0], DIGITS_N_VAL, DIGITS_N_TEST, DIGITS_SPLIT_SEED)
         splits = DataSplits(
             name="digits", train=to_t(x[tr]), val=to_t(x[va]), test=to_t(x[te]),
             image_shape=(8, 8), source="scikit-learn load_digits (8x8, levels 0..16 / 16)",
+            train_labels=torch.as_tensor(y[tr]), val_labels=torch.as_tensor(y[va]), test_labels=torch.as_tensor(y[te]),
         )
     elif name in IDX_DATASETS:
         if data_dir is None:
             raise DataError(f"--dataset {name} needs --data-dir DIR holding its IDX files")
-        x_train, _ = load_idx_pair(data_dir, "train")
-        x_test, _ = load_idx_pair(data_dir, "t10k")
+        x_train, y_train = load_idx_pair(data_dir, "train")
+        x_test, y_test = load_idx_pair(data_dir, "t10k")
         if x_train.shape[1] != x_test.shape[1]:
             raise DataError(f"{data_dir}: train images have {x_train.shape[1]} pixels, test images {x_test.shape[1]}")
         n = x_train.shape[0]
@@ -449,6 +456,8 @@ def load_dataset(
         splits = DataSplits(
             name=name, train=to_t(x_train[tr]), val=to_t(x_train[va]), test=to_t(x_test),
             image_shape=(side, side) if side * side == x_train.shape[1] else None, source=data_dir,
+            train_labels=torch.as_tensor(y_train[tr]), val_labels=torch.as_tensor(y_train[va]),
+            test_labels=torch.as_tensor(y_test),
         )
     else:
         raise DataError(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)} or pass --data PATH")

@@ -46,3 +46,128 @@ def loss_curve(history: list[dict], validations: list[dict], path: str, title: s
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- images and latents
+
+
+def _tile(images: np.ndarray, image_shape: tuple[int, int], ncols: int, pad: int = 1) -> np.ndarray:
+    """(n, H*W) grey levels -> one (rows*(H+pad), ncols*(W+pad)) mosaic, padding at 1 (white)."""
+    h, w = image_shape
+    n = images.shape[0]
+    nrows = int(np.ceil(n / ncols))
+    out = np.ones((nrows * (h + pad) - pad, ncols * (w + pad) - pad))
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        out[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = images[i].reshape(h, w)
+    return out
+
+
+def image_grid(images, image_shape: tuple[int, int], path: str, title: str, ncols: int = 10) -> None:
+    """A mosaic of images (n, H*W) with values in [0, 1] (black 0, white 1)."""
+    images = np.asarray(images, dtype=float)
+    fig, ax = plt.subplots(figsize=(0.6 * ncols + 0.5, 0.6 * np.ceil(len(images) / ncols) + 0.8))
+    im = ax.imshow(_tile(images, image_shape, ncols), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label="pixel value")
+    save_figure(fig, path)
+
+
+def reconstruction_grid(x, recon, image_shape: tuple[int, int], path: str, title: str, ncols: int = 10) -> None:
+    """Rows of data images above rows of their reconstructions (each (n, H*W) in [0, 1])."""
+    x, recon = np.asarray(x, dtype=float), np.asarray(recon, dtype=float)
+    n = x.shape[0]
+    blocks = []
+    for start in range(0, n, ncols):
+        blocks += [x[start:start + ncols], recon[start:start + ncols]]
+    nrows = len(blocks)
+    fig, axes = plt.subplots(nrows, 1, figsize=(0.6 * ncols + 1.6, 0.62 * nrows + 0.8), squeeze=False)
+    for i, (ax, block) in enumerate(zip(axes[:, 0], blocks)):
+        full = np.ones((ncols, block.shape[1]))
+        full[: len(block)] = block
+        ax.imshow(_tile(full, image_shape, ncols), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel("data" if i % 2 == 0 else "recon.", rotation=0, ha="right", va="center", fontsize=8)
+    axes[0, 0].set_title(title, fontsize=9)
+    save_figure(fig, path)
+
+
+def latent_scatter(means, labels, path: str, title: str) -> None:
+    """Latent means E_q[z|x] (N, k) in 2-D: the two coordinates when k <= 2, else their
+    first two principal components (with the share of variance each explains);
+    coloured by class label when given."""
+    means = np.asarray(means, dtype=float)
+    k = means.shape[1]
+    if k == 1:
+        xy, names = np.column_stack([means[:, 0], np.zeros(len(means))]), ("z_1", "")
+    elif k == 2:
+        xy, names = means, ("z_1", "z_2")
+    else:
+        centred = means - means.mean(0)
+        _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+        share = sv**2 / max((sv**2).sum(), 1e-300)
+        xy = centred @ vt[:2].T
+        names = (f"principal component 1 of E_q[z|x] ({100 * share[0]:.0f}% of variance)",
+                 f"principal component 2 ({100 * share[1]:.0f}% of variance)")
+    fig, ax = plt.subplots(figsize=(6.2, 5))
+    if labels is not None:
+        labels = np.asarray(labels)
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=6, alpha=0.8,
+                        vmin=-0.5, vmax=9.5 if labels.max() <= 9 else labels.max() + 0.5)
+        fig.colorbar(sc, ax=ax, ticks=np.unique(labels), label="class label")
+    else:
+        ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.6)
+    ax.set_xlabel(names[0] if k > 2 else f"{names[0]} (latent mean)")
+    ax.set_ylabel(names[1] if k > 2 else (f"{names[1]} (latent mean)" if names[1] else ""))
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def model_pictures(model, data, out_dir: str, name: str = "", seed: int = 0, n: int = 100) -> list[str]:
+    """The pictures a fitted latent-variable model supports, as PNG in ``out_dir``:
+    ``prior_samples.png`` and ``reconstructions.png`` for image data and a model with
+    ``sample_prior`` / ``decode`` (pixel probabilities), ``latent_means.png`` for any
+    model with an ``encoder``. Test rows with an amortized guide, training rows otherwise.
+    Returns the file names written."""
+    import os
+
+    import torch
+
+    written = []
+    amortized = getattr(model, "amortized", True)
+    x, rows = (data.test, None) if amortized and data.test.shape[0] else (data.train, torch.arange(data.n_train))
+    labels = data.test_labels if rows is None else data.train_labels
+    if data.binarize == "dynamic" and rows is not None:
+        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
+    label = f"{name} on {data.name}" if name else data.name
+    g = torch.random.fork_rng()
+    with g, torch.no_grad():
+        torch.manual_seed(seed)
+        image = data.image_shape is not None and hasattr(model, "decode")
+        if image and hasattr(model, "sample_prior"):
+            probs = model.decode(model.sample_prior(n)).cpu().numpy()
+            image_grid(probs, data.image_shape, os.path.join(out_dir, "prior_samples.png"),
+                       f"{label}: Bernoulli means of p(x|z) for z ~ p(z), {n} draws")
+            written.append("prior_samples.png")
+        if hasattr(model, "encoder"):
+            sub = slice(0, min(2000, x.shape[0]))
+            idx = None if rows is None else rows[sub]
+            means = model.guide_dist(x[sub], idx).mean
+            if image:
+                m = min(30, means.shape[0])
+                image_grid_pairs = model.decode(means[:m]).cpu().numpy()
+                reconstruction_grid(x[:m].cpu().numpy(), image_grid_pairs, data.image_shape,
+                                    os.path.join(out_dir, "reconstructions.png"),
+                                    f"{label}: {'test' if rows is None else 'training'} images (data) and the "
+                                    "Bernoulli means of p(x | z = E_q[z|x]) (recon.)")
+                written.append("reconstructions.png")
+            latent_scatter(means.cpu().numpy(), None if labels is None else labels[sub].cpu().numpy(),
+                           os.path.join(out_dir, "latent_means.png"),
+                           f"{label}: latent means E_q[z|x] of {means.shape[0]} "
+                           f"{'test' if rows is None else 'training'} rows")
+            written.append("latent_means.png")
+    return written

@@ -240,7 +240,7 @@ def _make_module(model, data: DataSplits, config: TrainConfig, objective: Object
             # a warm-up pass creates any lazily built parameters; its gradient shows which
             # parameters are tables with row-sparse gradients: those stay out of DDP's dense
             # all-reduce (training_step exchanges their rows instead)
-            x0 = data.train[: min(config.batch_size, data.n_train)]
+            x0 = warmup_batch(data, config)
             self.objective(self.model.model, self.model.guide, x0, torch.arange(x0.shape[0])).backward()
             names = [n for n, p in self.named_parameters() if p.grad is not None and p.grad.is_sparse]
             self.row_params = [p for n, p in self.named_parameters() if n in names]
@@ -450,6 +450,15 @@ def check_trainer_flags(config: TrainConfig) -> None:
                          f"{config.devices} --num-nodes {config.num_nodes}: {first}") from None
 
 
+def warmup_batch(data: DataSplits, config: TrainConfig) -> torch.Tensor:
+    """The first training rows as a model sees them (one seeded binary draw of the
+    grey levels under dynamic binarization: a Bernoulli model needs 0/1 data)."""
+    x0 = data.train[: min(config.batch_size, data.n_train)]
+    if data.binarize == "dynamic":
+        x0 = torch.bernoulli(x0, generator=torch.Generator().manual_seed(config.seed))
+    return x0
+
+
 def check_objective_for_model(model, data: DataSplits, config: TrainConfig) -> None:
     """Evaluate the objective once on the first rows (no gradient, the random-number
     stream left as it was), so that a model the objective cannot take (e.g. an
@@ -457,7 +466,7 @@ def check_objective_for_model(model, data: DataSplits, config: TrainConfig) -> N
     anything is written."""
     objective = build_objective(config.objective, config.n_particles, config.alpha,
                                 getattr(model, "max_plate_nesting", 1))
-    x0 = data.train[: min(config.batch_size, data.n_train)]
+    x0 = warmup_batch(data, config)
     with torch.no_grad(), torch.random.fork_rng():
         objective(model.model, model.guide, x0, torch.arange(x0.shape[0]))
 

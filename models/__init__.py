@@ -13,8 +13,7 @@ from typing import Any
 import pyro
 
 from models.common import ConfigError, config_from_dict, config_to_dict
-from models import ppca
-from models import gaussian
+from models import gaussian, ppca, vae
 
 pyro.settings.set(module_local_params=True)
 
@@ -22,6 +21,8 @@ pyro.settings.set(module_local_params=True)
 REGISTRY: dict[str, tuple[type, type]] = {
     "ppca": (ppca.PPCAConfig, ppca.PPCA),
     "gaussian": (gaussian.GaussianConfig, gaussian.BayesianGaussian),
+    "vae": (vae.VAEConfig, vae.VAE),
+    "gmvae": (vae.GMVAEConfig, vae.GMVAE),
 }
 
 

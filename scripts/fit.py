@@ -3,7 +3,11 @@
 Writes into --out DIR: config.json (everything needed to rebuild the run),
 checkpoint.ckpt, history.csv (per step), metrics.json (train / validation / test
 ELBO in nats per datapoint with standard errors, steps, seconds, the config, and a
-model's exact numbers where it has them) and loss_curve.png.
+model's exact numbers where it has them) and loss_curve.png. With an amortized guide
+also the importance-sampled test log-likelihood (K = --n-samples draws per row;
+under ``test_log_likelihood``, or ``test_log_likelihood_is`` beside a model's exact
+value) and the active units; for image models prior_samples.png,
+reconstructions.png and latent_means.png.
 
 Several processes (--devices N [--num-nodes M] --strategy ddp): each trains on
 its shard of every global mini-batch of N*M*batch-size rows; the evaluation is
@@ -22,7 +26,8 @@ import torch
 import models
 from inference.errors import UsageError
 from inference import distributed
-from inference.evaluate import elbo_estimate, elbo_terms, global_latent_sites
+from inference.evaluate import (IWAELadder, active_units, elbo_estimate, elbo_terms, global_latent_sites,
+                                 importance_estimates, tune_malloc)
 from inference.files import save_json
 from inference.train import (CHECKPOINT, MAX_TENSOR_ELEMENTS, TrainConfig, check_checkpoint, check_config_for_data,
                              check_objective_for_model, fit, rows_per_batch)
@@ -33,13 +38,17 @@ MODEL_FLAGS = {  # CLI flag -> Config field; a flag the chosen model has no fiel
     "guide": "guide", "latent_dim": "latent_dim", "hidden": "hidden", "activation": "activation",
     "n_components": "n_components", "prior": "prior",
 }
-RESUME_FLAGS = {"epochs", "steps", "threads", "progress", "resume"}
+RESUME_FLAGS = {"epochs", "steps", "threads", "progress", "resume", "n_samples"}
+N_SAMPLES = 1000  # default importance samples per row for the test log-likelihood
 
 EXAMPLES = """examples:
   python -m scripts.fit --model ppca --latent-dim 10 --out runs/ppca
   python -m scripts.fit --model ppca --data X.npy --latent-dim 3 --out runs/mine
   python -m scripts.fit --model gaussian --data X.npy --guide structured --steps 400 --lr 0.1 --lr-final 1e-4 \\
       --n-particles 8 --out runs/bayes
+  python -m scripts.fit --model vae --objective iwae --n-particles 5 --out runs/vae
+  python -m scripts.fit --model gmvae --dataset mnist --data-dir ../shared/data/mnist \
+      --hidden 300,300 --activation elu --latent-dim 10 --n-components 500 --steps 20000 --out runs/gmvae
   python -m scripts.fit --resume runs/ppca --epochs 50
   python -m scripts.fit --model ppca --devices 2 --strategy ddp --batch-size 50 --out runs/ddp
 """
@@ -64,6 +73,8 @@ def build_parser():
     e.add_argument("--eval-particles", type=_cli.positive_int, default=10,
                    help="samples per datapoint for the reported ELBO (models with global latents, "
                         "e.g. gaussian: draws of the whole set's ELBO)")
+    e.add_argument("--n-samples", type=_cli.positive_int, default=N_SAMPLES,
+                   help="importance samples K per row for the test log-likelihood (amortized guides)")
     _cli.add_out_args(p, resume=True)
     return p
 
@@ -84,7 +95,7 @@ def _spec_from_args(p, args) -> dict:
     likelihood = models.REGISTRY[args.model][1].likelihood
     return {"model": args.model, "model_config": models.config_to_dict(model_config),
             "train": train.to_dict(), "data": _cli.data_spec(args, likelihood),
-            "eval": {"eval_particles": args.eval_particles}}
+            "eval": {"eval_particles": args.eval_particles, "n_samples": args.n_samples}}
 
 
 def _resume_spec(p, args, argv) -> dict:
@@ -106,6 +117,8 @@ def _resume_spec(p, args, argv) -> dict:
     for key in ("epochs", "steps", "threads", "progress"):
         if key in given or (key == "progress" and "no_progress" in given):
             spec["train"][key] = getattr(args, key)
+    if "n_samples" in given:
+        spec["eval"]["n_samples"] = args.n_samples
     if "steps" in given:
         spec["train"]["epochs"] = None
     _check_spec(spec, path)
@@ -166,12 +179,13 @@ def run(spec: dict, out: str, overwrite: bool, resume: bool) -> dict:
         if distributed.rank_and_world()[0] != 0:
             return metrics
         save_json(metrics, run_dir.file("metrics.json"))
-        from inference.plots import loss_curve
+        from inference.plots import loss_curve, model_pictures
 
         ref = metrics.get("mle_log_likelihood")
         loss_curve(result.history, result.validations, run_dir.file("loss_curve.png"),
                    title=f"{spec['model']} / {train.objective} on {data.name}", reference=ref,
                    reference_label="closed-form max log-likelihood" if ref is not None else "")
+        model_pictures(model, data, out, name=f"{spec['model']} / {train.objective}", seed=train.seed)
     return metrics
 
 
@@ -214,13 +228,36 @@ def evaluate_run(model, data, spec, result) -> dict:
         elbo = metrics["train_elbo"]
         kl = metrics["train_log_evidence"] - elbo["mean"]
         metrics["train_kl_to_posterior"] = {"mean": kl, "se": elbo["se"], "total_nats": kl * data.n_train}
+    if getattr(model, "amortized", True) and not global_latents and data.test.shape[0]:
+        metrics.update(test_likelihood_metrics(model, data.test, spec["eval"].get("n_samples", N_SAMPLES),
+                                               seed=spec["train"]["seed"] + 2, exact="test_log_likelihood" in metrics))
     return metrics
+
+
+def test_likelihood_metrics(model, x, n_samples: int, seed: int, exact: bool = False) -> dict:
+    """The importance-sampled test log-likelihood (K = n_samples) with its standard error;
+    from the same draws the ELBO, its reconstruction and KL terms and the IWAE_m bounds
+    for m = 1, 10, 100, ... dividing K (``test_importance``); and the active units.
+    The log-likelihood goes under ``test_log_likelihood``, or ``test_log_likelihood_is``
+    when the model already reported its exact value under that name (``exact``)."""
+    sizes = tuple(m for m in (10**i for i in range(7)) if m <= n_samples and n_samples % m == 0)
+    ladder = IWAELadder(int(x.shape[0]), sizes)
+    est = importance_estimates(model, x, n_samples, seed=seed, on_log_weights=ladder)
+    key = "test_log_likelihood_is" if exact else "test_log_likelihood"
+    out = {key: {**est["log_likelihood"].to_dict(), "n_samples": n_samples},
+           "test_importance": {"n_samples": n_samples, **{t: est[t].to_dict() for t in ("elbo", "recon", "kl")},
+                               "iwae": {str(m): e.to_dict() for m, e in ladder.estimates().items()}}}
+    if hasattr(model, "guide_dist"):
+        au = active_units(model, x)
+        out["test_active_units"] = {k: au[k] for k in ("active_units", "latent_dim", "threshold")}
+    return out
 
 
 @_cli.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    tune_malloc()
     if args.resume:
         spec = _resume_spec(p, args, argv)
         out, overwrite, resume = args.resume, False, True
@@ -235,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     line = f"{spec['model']}: train ELBO {metrics['train_elbo']['mean']:.3f} ± {metrics['train_elbo']['se']:.3f}"
     if "test_elbo" in metrics:
         line += f", test ELBO {metrics['test_elbo']['mean']:.3f} ± {metrics['test_elbo']['se']:.3f}"
+    ll = metrics.get("test_log_likelihood")
+    if isinstance(ll, dict):
+        line += f", test log-likelihood (K = {ll['n_samples']}) {ll['mean']:.3f} ± {ll['se']:.3f}"
     line += f" nats/datapoint; {metrics['steps']} steps in {metrics['seconds']:.1f} s -> {out}/metrics.json"
     print(line)
     return 0

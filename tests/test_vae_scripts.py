@@ -1,0 +1,142 @@
+"""fit.py on the VAEs (test log-likelihood, active units, pictures) and evaluate.py
+re-evaluating a run from its checkpoint; their answers to bad input."""
+
+import json
+
+import pytest
+import torch
+
+from scripts import evaluate as evaluate_script
+from scripts import fit as fit_script
+
+PICTURES = ("loss_curve.png", "prior_samples.png", "reconstructions.png", "latent_means.png")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def gmvae_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("runs") / "gmvae"
+    code = fit_script.main(["--model", "gmvae", "--latent-dim", "3", "--hidden", "32", "--activation", "tanh",
+                            "--n-components", "5", "--objective", "iwae", "--n-particles", "3", "--epochs", "4",
+                            "--lr", "0.003", "--n-samples", "40", "--seed", "3", "--out", str(out), "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_fit_vae_writes_likelihood_active_units_and_pictures(gmvae_run):
+    m = json.loads((gmvae_run / "metrics.json").read_text())
+    ll, same = m["test_log_likelihood"], m["test_importance"]
+    assert ll["n_samples"] == 40 and ll["n"] == 270 and ll["se"] > 0 and same["n_samples"] == 40
+    assert same["elbo"]["mean"] <= same["iwae"]["10"]["mean"] <= ll["mean"]  # same draws: row by row
+    assert same["iwae"]["1"]["mean"] == pytest.approx(same["elbo"]["mean"], abs=1e-9)
+    assert sorted(same["iwae"], key=int) == ["1", "10"]  # the m = 10^i dividing K = 40
+    # ELBO = recon - KL, each from float32 log densities: agreement to float32 round-off
+    assert same["elbo"]["mean"] == pytest.approx(same["recon"]["mean"] - same["kl"]["mean"], rel=1e-6)
+    assert m["test_active_units"]["latent_dim"] == 3 and 0 <= m["test_active_units"]["active_units"] <= 3
+    assert m["config"]["eval"]["n_samples"] == 40
+    for f in PICTURES:
+        assert (gmvae_run / f).stat().st_size > 5000, f  # a real figure, not an empty file
+
+
+def test_evaluate_rebuilds_the_run_and_never_touches_its_metrics(gmvae_run, capsys):
+    before = (gmvae_run / "metrics.json").read_bytes()
+    m = json.loads(before)
+    # the fit drew its test estimate with seed (train seed + 2); the same seed and K again
+    # must give the same number from the checkpoint's parameters
+    assert evaluate_script.main([str(gmvae_run), "--n-samples", "40", "--seed", "5"]) == 0
+    ev = json.loads((gmvae_run / "evaluation.json").read_text())
+    assert ev["log_likelihood"]["mean"] == pytest.approx(m["test_log_likelihood"]["mean"], abs=1e-9)
+    assert ev["split"] == "test" and ev["n_samples"] == 40 and ev["active_units"]["latent_dim"] == 3
+    assert (gmvae_run / "metrics.json").read_bytes() == before
+    assert "log-likelihood (K = 40)" in capsys.readouterr().out
+
+
+def test_evaluate_bad_input(tmp_path, gmvae_run, capsys):
+    def bad(argv):
+        code = evaluate_script.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+        return err
+
+    assert "no such run directory" in bad([str(tmp_path / "nope")])
+    (tmp_path / "empty").mkdir()
+    assert "no config.json there" in bad([str(tmp_path / "empty")])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((gmvae_run / "config.json").read_text())
+    assert "no checkpoint there" in bad([str(broken)])
+    (broken / "checkpoint.ckpt").write_bytes(b"not a checkpoint")
+    assert "refused to load the checkpoint" in bad([str(broken)])
+    assert not (broken / "evaluation.json").exists()
+
+
+def test_per_datapoint_run_evaluates_training_rows_only(tmp_path, capsys):
+    out = tmp_path / "pd"
+    assert fit_script.main(["--model", "vae", "--guide", "per-datapoint", "--latent-dim", "2", "--hidden", "16",
+                            "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert "test_log_likelihood" not in m and "train_elbo" in m  # it cannot infer test rows
+    code = evaluate_script.main([str(out), "--n-samples", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "per-datapoint and cannot infer test rows; use --split train" in err
+    assert evaluate_script.main([str(out), "--n-samples", "5", "--split", "train", "--max-rows", "50"]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["n_rows"] == 50
+
+
+def test_fit_ppca_reports_both_exact_and_importance_sampled_likelihood(tmp_path):
+    out = tmp_path / "ppca"
+    assert fit_script.main(["--model", "ppca", "--latent-dim", "4", "--epochs", "20", "--lr", "0.03",
+                            "--n-samples", "200", "--out", str(out), "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    exact, est = m["test_log_likelihood"], m["test_log_likelihood_is"]
+    assert isinstance(exact, float) and est["n_samples"] == 200
+    # the estimate sits below the exact value in expectation (a bound) and within a few standard
+    # errors of it (the standard error is over rows; the guide is near the exact posterior)
+    assert est["mean"] <= exact + 3 * est["se"] and est["mean"] >= exact - 3 * est["se"]
+
+
+def test_fit_vae_rejects_bad_model_flags(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert fit_script.main(["--model", "vae", "--activation", "gelu", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fit.py: error: --activation must be one of relu, elu, tanh, softplus, got 'gelu'"]
+    assert fit_script.main(["--model", "vae", "--binarize", "none", "--out", str(out)]) == 2
+    assert "pass --binarize threshold, static or dynamic" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- reproduction scripts
+
+
+def test_burda_schedule():
+    from scripts.reproduce_iwae import burda_lr, runs_to_train
+
+    # 3^i epochs at 1e-3 * 10^(-i/7), i = 0..7: 1 + 3 + ... + 3^7 = 3280 epochs in all
+    assert burda_lr(1) == 1e-3
+    assert burda_lr(2) == burda_lr(4) == pytest.approx(1e-3 * 10 ** (-1 / 7), rel=1e-12)
+    assert burda_lr(5) == burda_lr(13) == pytest.approx(1e-3 * 10 ** (-2 / 7), rel=1e-12)
+    assert burda_lr(3280) == burda_lr(5000) == pytest.approx(1e-4, rel=1e-12)
+    assert runs_to_train((1, 5)) == [("vae-k1", "elbo", 1), ("vae-k5", "elbo", 5), ("iwae-k5", "iwae", 5)]
+
+
+@pytest.mark.parametrize("script", ["reproduce_cs236", "reproduce_iwae"])
+def test_reproduction_scripts_bad_input(tmp_path, capsys, script):
+    import importlib
+
+    main = importlib.import_module(f"scripts.{script}").main
+    out = tmp_path / "out"
+    assert main(["--data-dir", str(tmp_path / "none"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("no such directory") and len(err.splitlines()) == 1 and not out.exists()
+    out.mkdir()
+    (out / "table.md").write_text("old")
+    assert main(["--data-dir", str(tmp_path), "--out", str(out)]) == 2
+    assert "not empty; pass --reuse" in capsys.readouterr().err
+    assert main(["--data-dir", str(tmp_path), "--out", str(out), "--reuse", "--overwrite"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert (out / "table.md").read_text() == "old"
