@@ -27,7 +27,8 @@ Sections (--sections, comma-separated; default all):
 
 Hand-written sides come twice: as users write them (torch.optim.Adam's default, on
 a CPU the per-tensor loop; torch.bernoulli for dynamic binarization) and "tuned",
-with what elbolab's driver does that is not Pyro's (fused Adam, u < x draws).
+with what elbolab's driver does that is not Pyro's (fused Adam, u < x draws,
+denormal floats flushed to zero).
 
 Writes --out DIR/results.json and DIR/table.md.
 """
@@ -59,7 +60,7 @@ from inference.evaluate import chunk_sizes, importance_estimates, tune_malloc
 from inference.files import atomic_write, save_json
 from inference.loaders import DataSplits, load_dataset
 from inference.objectives import build_objective
-from inference.train import TrainConfig, adam, fit
+from inference.train import TrainConfig, adam, fit, flushed_denormals
 from models.vae import MIN_SCALE
 from scripts import _cli
 
@@ -267,7 +268,7 @@ def time_loop(step: Callable, x: torch.Tensor, batch_size: int, dynamic: bool, e
 
 def hand_side(build, x, n_data, batch_size, dynamic, objective, K=1, tuned=False, epochs=1, steps=None):
     """The yardstick's loop: as users write it, or ``tuned`` with what elbolab's driver
-    does that is not Pyro's (fused Adam, the faster Bernoulli draw)."""
+    does that is not Pyro's (fused Adam, the faster Bernoulli draw, denormals flushed)."""
     def run() -> float:
         hand = HandVAE.like(build())
         opt = torch.optim.Adam(hand.parameters(), lr=1e-3, fused=True if tuned else None)
@@ -277,7 +278,8 @@ def hand_side(build, x, n_data, batch_size, dynamic, objective, K=1, tuned=False
             hand.loss(xb, n_data, objective, K).backward()
             opt.step()
 
-        return time_loop(step, x, batch_size, dynamic, epochs, steps, tuned)
+        with flushed_denormals(tuned):
+            return time_loop(step, x, batch_size, dynamic, epochs, steps, tuned)
 
     return run
 
@@ -294,7 +296,7 @@ def objective_side(build, x, batch_size, dynamic, objective, K=1, epochs=1, step
             obj(model.model, model.guide, xb, idx).backward()
             opt.step()
 
-        with pyro.validation_enabled(False):
+        with pyro.validation_enabled(False), flushed_denormals():
             return time_loop(step, x, batch_size, dynamic, epochs, steps, tuned=True)
 
     return run
