@@ -24,6 +24,9 @@ Sections (--sections, comma-separated; default all):
   the closed-form maximum likelihood, for SVI and for EM.
 * growth: time against N, K, latent size and hidden size, with log-log slopes.
 * cs236: the CS236 protocol end to end (scripts/reproduce_cs236.py, 20,000 steps).
+* baseline (with --baseline REF): before and after, the code of git revision REF
+  against this one, each run in a process of its own, alternated: a CS236 epoch
+  and IWAE K = 50 steps under the driver, and an importance-sampled evaluation.
 
 Hand-written sides come twice: as users write them (torch.optim.Adam's default, on
 a CPU the per-tensor loop; torch.bernoulli for dynamic binarization) and "tuned",
@@ -65,7 +68,8 @@ from models.vae import MIN_SCALE
 from scripts import _cli
 
 PROG = "benchmark.py"
-SECTIONS = ("train", "threads", "iwae", "eval", "ppca", "growth", "cs236")
+SECTIONS = ("train", "threads", "iwae", "eval", "ppca", "growth", "cs236", "baseline")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # the baseline needs --baseline REF
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MNIST = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "mnist"))
 LOG_2PI = math.log(2 * math.pi)
@@ -80,13 +84,18 @@ EXAMPLES = """examples:
 
 def build_parser():
     p = _cli.parser(PROG, __doc__, EXAMPLES)
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                   help="comma-separated subset of " + ",".join(SECTIONS))
+    p.add_argument("--baseline", metavar="REF", default=None,
+                   help="git revision whose code the baseline section runs against this one's")
     p.add_argument("--reps", type=_cli.positive_int, default=5, help="alternating repetitions (medians)")
     p.add_argument("--threads", type=_cli.positive_int, default=1, help="torch CPU threads")
     p.add_argument("--data-dir", metavar="DIR", default=DEFAULT_MNIST, help="MNIST IDX files")
     p.add_argument("--eval-rows", type=_cli.positive_int, default=100,
                    help="MNIST test images timed at K = 5000 (the whole set's time is extrapolated)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and the digits only (checks the machinery)")
+    p.add_argument("--retable", action="store_true",
+                   help="measure nothing: write --out/table.md again from --out/results.json")
     _cli.add_out_args(p, default="benchmarks")
     return p
 
@@ -531,7 +540,8 @@ def eval_section(args, data: Data) -> dict:
     share = statistics.median([m / e for m, e in zip(times["matmul_only"], times["importance_estimates"])])
     n_test = d.test.shape[0]
     out = {"model": config, "trained_epochs": 1, "K": K, "rows_timed": n, "rows_per_chunk": b,
-           "particles_per_chunk": kc, "yardstick_rel_diff": check, "flops": flops, "samples_per_second": n * K / t, "gflops_achieved": flops / t / 1e9,
+           "particles_per_chunk": kc, "yardstick_rel_diff": check, "flops": flops,
+           "samples_per_second": n * K / t, "gflops_achieved": flops / t / 1e9,
            "gflops_matmul": flops / t_mm / 1e9, "share_of_matmul_rate": share,
            "hand_share_of_matmul_rate": statistics.median(
                [m / h for m, h in zip(times["matmul_only"], times["hand"])]),
@@ -722,8 +732,91 @@ def cs236_section(args, data: Data) -> dict:
     return out
 
 
-RUNNERS = {"train": train_section, "threads": threads_section, "iwae": iwae_section, "eval": eval_section, "ppca": ppca_section,
-           "growth": growth_section, "cs236": cs236_section}
+# One timed workload in a fresh process on the code at sys.argv[1] (its own checkout):
+# prints the seconds of the training loop (or of the evaluation) as JSON.
+WORKER = r"""
+import json, sys, time
+src, spec = sys.argv[1], json.loads(sys.argv[2])
+sys.path.insert(0, src)
+import torch, pyro, lightning.pytorch as pl
+import models
+from inference.evaluate import importance_estimates, tune_malloc
+from inference.loaders import load_dataset
+from inference.train import TrainConfig, fit
+torch.set_num_threads(spec["threads"])
+tune_malloc()
+d = load_dataset("mnist", data_dir=spec["data_dir"], binarize="dynamic", val_fraction=0.0)
+torch.manual_seed(0)
+m = models.build_model("vae", spec["model"], d.data_dim, d.n_train)
+class Timer(pl.Callback):
+    t0 = None
+    def on_train_epoch_start(self, trainer, module):
+        self.t0 = self.t0 or time.perf_counter()
+    def on_train_end(self, trainer, module):
+        self.t1 = time.perf_counter()
+if spec["kind"] == "eval":
+    with pyro.validation_enabled(False):
+        t0 = time.perf_counter()
+        importance_estimates(m, d.test[: spec["rows"]], spec["K"], seed=0)
+        seconds = time.perf_counter() - t0
+else:
+    timer = Timer()
+    fit(m, d, TrainConfig(objective=spec["objective"], n_particles=spec["K"], steps=spec["steps"], epochs=None,
+                          threads=spec["threads"], progress=False), callbacks=[timer])
+    seconds = timer.t1 - timer.t0
+print(json.dumps({"seconds": seconds}))
+"""
+
+
+def baseline_section(args, data: Data) -> dict:
+    """Before and after: the driver and the evaluation of git revision --baseline against
+    this checkout's, each workload in a fresh process per repetition, alternated."""
+    import json
+
+    if args.baseline is None:
+        raise UsageError("--sections baseline needs --baseline REF (a git revision to compare against)")
+    if not os.path.isdir(args.data_dir):
+        raise UsageError(f"--data-dir {args.data_dir}: no such directory (the baseline section needs MNIST)")
+    steps, rows = (20, 10) if args.quick else (600, 100)
+    workloads = {
+        "CS236 VAE, elbo-analytic (s per 600 steps)": {"kind": "train", "objective": "elbo-analytic", "K": 1,
+                                                        "steps": steps},
+        "CS236 VAE, iwae K = 50 (s per 20 steps)": {"kind": "train", "objective": "iwae", "K": 50,
+                                                     "steps": 2 if args.quick else 20},
+        f"evaluation, K = 1000, {rows} test rows (s)": {"kind": "eval", "K": 100 if args.quick else 1000,
+                                                        "rows": rows},
+    }
+    out = {"baseline": args.baseline, "workloads": {}}
+    with tempfile.TemporaryDirectory() as old:
+        try:
+            archive = subprocess.run(["git", "archive", args.baseline], cwd=ROOT, capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", old], input=archive.stdout, check=True)
+        except (subprocess.CalledProcessError, OSError) as e:
+            raise UsageError(f"--baseline {args.baseline}: cannot check it out ({e})") from None
+        out["baseline_commit"] = subprocess.run(["git", "rev-parse", args.baseline], cwd=ROOT, capture_output=True,
+                                                text=True).stdout.strip()
+
+        def side(src, spec):
+            def run() -> float:
+                full = {**spec, "model": CS236, "threads": args.threads, "data_dir": args.data_dir}
+                proc = subprocess.run([sys.executable, "-c", WORKER, src, json.dumps(full)], cwd=src,
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"baseline worker failed: {proc.stderr.strip()[-500:]}")
+                return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+            return run
+
+        for name, spec in workloads.items():
+            res = summarize(alternate({"before": side(old, spec), "after": side(ROOT, spec)}, args.reps), "before")
+            out["workloads"][name] = res
+            print(f"[baseline] {name}: before {res['before']['median']:.2f}, after {res['after']['median']:.2f} "
+                  f"({res['after']['ratio_to_before']:.2f}x)", file=sys.stderr)
+    return out
+
+
+RUNNERS = {"train": train_section, "threads": threads_section, "iwae": iwae_section, "eval": eval_section,
+           "ppca": ppca_section,
+           "growth": growth_section, "cs236": cs236_section, "baseline": baseline_section}
 
 
 # ----------------------------------------------------------------------------- the table
@@ -734,21 +827,23 @@ def table(results: dict) -> list[str]:
     tr = results.get("train")
     if tr:
         lines += ["| training, s/epoch (ratio to hand-written) | hand-written, default Adam | hand-written, tuned "
-                  "| Pyro SVI.step | elbolab objective, no Lightning | elbolab driver | target |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| Pyro SVI.step | elbolab objective, no Lightning | elbolab driver | driver / hand tuned | target |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, r in tr.items():
             s = r["sides"]
             cell = lambda k: f"{s[k]['median']:.3f} ({s[k]['ratio_to_hand']:.2f}x)"  # noqa: E731
             target = "1.3x" if r["data"] == "digits" else "1.10x"
             lines.append(f"| {name} ({r['objective']}) | {cell('hand')} | {cell('hand-tuned')} | {cell('pyro-svi')} "
-                         f"| {cell('objective')} | {cell('driver')} | {target} |")
+                         f"| {cell('objective')} | {cell('driver')} | {s['driver']['ratio_to_hand-tuned']:.2f}x "
+                         f"| {target} |")
         lines.append("")
     th = results.get("threads")
     if th:
         s = th["sides"]
         lines += ["| threads (CS236 VAE, ms/step) | 1 thread | 2 threads |", "|---|---|---|"]
         for who in ("hand", "driver"):
-            lines.append(f"| {who} | {s[who + ', 1 thread(s)']['median']:.2f} | {s[who + ', 2 thread(s)']['median']:.2f} |")
+            one, two = s[who + ", 1 thread(s)"]["median"], s[who + ", 2 thread(s)"]["median"]
+            lines.append(f"| {who} | {one:.2f} | {two:.2f} |")
         lines.append("")
     iw = results.get("iwae")
     if iw:
@@ -789,6 +884,14 @@ def table(results: dict) -> list[str]:
             lines.append(f"| {name} | {', '.join(map(str, e['values']))} | {times} {e['unit']} | "
                          f"{e['slope']:.2f} ({e['slope_upper_half']:.2f}) | {fl} |")
         lines.append("")
+    bl = results.get("baseline")
+    if bl:
+        lines += [f"| before / after (baseline {bl['baseline']}) | before | after | after / before |",
+                  "|---|---|---|---|"]
+        for name, r in bl["workloads"].items():
+            lines.append(f"| {name} | {r['before']['median']:.2f} | {r['after']['median']:.2f} | "
+                         f"{r['after']['ratio_to_before']:.2f}x |")
+        lines.append("")
     cs = results.get("cs236")
     if cs:
         lines += ["| CS236 protocol | steps | training | whole run (with evaluation) |", "|---|---|---|---|"]
@@ -798,6 +901,14 @@ def table(results: dict) -> list[str]:
     return lines
 
 
+def document(results: dict) -> list[str]:
+    m = results["machine"]
+    return [f"# Benchmarks: `{results['command']}`", "",
+            f"{m['cpu']}, {m['threads']} thread(s), load average {results['load_average_before']} before and "
+            f"{results['load_average_after']} after; medians of {results['reps']} alternating repetitions.", "",
+            *table(results)]
+
+
 @_cli.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -805,8 +916,20 @@ def main(argv: list[str] | None = None) -> int:
     bad = sorted(set(sections) - set(SECTIONS))
     if bad or not sections:
         raise UsageError(f"--sections must be a subset of {','.join(SECTIONS)}, got {args.sections!r}")
-    if args.quick and "cs236" in sections and args.sections == ",".join(SECTIONS):
+    if args.quick and "cs236" in sections and args.sections == ",".join(DEFAULT_SECTIONS):
         sections.remove("cs236")  # needs MNIST; ask for it explicitly
+    if args.retable:
+        import json
+
+        try:
+            with open(os.path.join(args.out, "results.json")) as f:
+                results = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--retable: cannot read {args.out}/results.json ({e})") from None
+        with atomic_write(os.path.join(args.out, "table.md")) as f:
+            f.write("\n".join(document(results)) + "\n")
+        print(f"-> {args.out}/table.md")
+        return 0
     run_dir = _cli.RunDir(args.out, overwrite=args.overwrite)
     run_dir.check()
     torch.set_num_threads(args.threads)
@@ -820,14 +943,10 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = RUNNERS[name](args, data)
     results["load_average_after"] = loadavg()
     results["seconds"] = time.perf_counter() - t0
-    lines = [f"# Benchmarks: `{cmd.strip()}`", "",
-             f"{results['machine']['cpu']}, {args.threads} thread(s), load average "
-             f"{results['load_average_before']} before and {results['load_average_after']} after; medians of "
-             f"{args.reps} alternating repetitions.", "", *table(results)]
     with run_dir:
         save_json(results, os.path.join(args.out, "results.json"))
         with atomic_write(os.path.join(args.out, "table.md")) as f:
-            f.write("\n".join(lines) + "\n")
+            f.write("\n".join(document(results)) + "\n")
     print("\n".join(table(results)))
     print(f"-> {args.out}/results.json, {args.out}/table.md")
     return 0
