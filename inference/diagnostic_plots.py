@@ -144,13 +144,12 @@ def ppc_plot(ppc: dict, path: str, title: str) -> None:
         ax.set_visible(False)
     ax = axes[0]
     obs, rep = ppc["column_means"]["observed"], ppc["column_means"]["replicated"]  # (D,), (draws, D)
-    lo, hi = np.quantile(rep, [0.05, 0.95], axis=0)
-    mid = rep.mean(0)
+    lo, mid, hi = np.quantile(rep, [0.05, 0.5, 0.95], axis=0)  # the median lies inside its interval
     ax.errorbar(obs, mid, yerr=[mid - lo, hi - mid], fmt="o", ms=2, lw=0.6, alpha=0.7, color="C0")
     edge = [min(obs.min(), lo.min()), max(obs.max(), hi.max())]
     ax.plot(edge, edge, color="0.3", lw=0.8, ls="--", label="replicated = observed")
     ax.set_xlabel("observed column mean")
-    ax.set_ylabel("replicated column mean (90% interval)")
+    ax.set_ylabel("replicated column mean (median, 90% interval)")
     ax.set_title("column (pixel) means", fontsize=9)
     ax.legend(fontsize=7)
     for ax, (key, s) in zip(axes[1:], stats.items()):
