@@ -57,7 +57,11 @@ What ``az.loo`` means here
   z_i with its prior, so the exact LOO predictive density is the marginal p(x_i) at the
   fitted parameters (which did see x_i). PSIS-LOO estimates it from draws of
   q(z | x_i) with ratios 1 / p(x_i | z): the harmonic-mean estimator of p(x_i), whose
-  variance is infinite in general, so expect large k. The importance-sampled
+  variance is infinite in general, so expect large k. For PPCA at its exact posterior the
+  tail is in closed form: with z = m + u, u ~ N(0, noise_scale^2 M^-1), M = W^T W +
+  noise_scale^2 I, log(1 / p(x | z)) grows like u^T W^T W u / (2 noise_scale^2), so the
+  ratios have k = lambda / (lambda + noise_scale^2), lambda the largest eigenvalue of
+  W^T W: past 0.7 once the signal is 2.3 times the noise. The importance-sampled
   log-likelihood (draws from q, weights p(x, z) / q(z | x), :class:`ParetoK`) is the
   estimator of the same quantity to use; LOO is reported beside it for that contrast.
 """
