@@ -45,6 +45,8 @@ BUDGETS = {
               "latent_dim": 10, "hidden": (300, 300), "n_components": 50, "iwae_k": 5, "nuts_samples": 500},
 }
 BUDGETS["fashion-mnist"] = BUDGETS["mnist"]
+# --quick: the same report from tiny budgets (a smoke test of the whole pipeline; numbers not meaningful)
+QUICK = {"ppca_steps": 60, "gaussian_steps": 60, "vae_epochs": 2, "n_samples": 50, "nuts_samples": 60}
 
 
 def build_parser():
@@ -58,6 +60,9 @@ def build_parser():
     p.add_argument("--threads", type=_cli.positive_int, default=None,
                    help="torch CPU threads (default: 1 for the digits, whose small tensors gain nothing from "
                         "more on a shared machine; torch's default otherwise)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny budgets: checks the whole pipeline in a fraction of the time; the numbers are not "
+                        "meaningful")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
     _cli.add_out_args(p, default="runs/report")
@@ -69,7 +74,7 @@ class Study:
 
     def __init__(self, args):
         self.args, self.out, self.seed = args, args.out, args.seed
-        self.budget = BUDGETS[args.dataset]
+        self.budget = {**BUDGETS[args.dataset], **(QUICK if args.quick else {})}
         self.summary: dict = {"dataset": args.dataset, "seed": args.seed, "stages": {}}
 
     def data(self, binarize: str, path: str | None = None) -> dict:
@@ -178,7 +183,8 @@ def stage_gaussian(study: Study, doc: Document) -> str:
     torch.manual_seed(study.seed)
     model = models.build_model("gaussian", {"guide": "structured"}, d.data_dim, d.n_train)
     t0 = time.perf_counter()
-    nuts = run_nuts(model, d.train, num_samples=study.budget["nuts_samples"], warmup_steps=300, seed=study.seed)
+    nuts = run_nuts(model, d.train, num_samples=study.budget["nuts_samples"],
+                    warmup_steps=min(300, study.budget["nuts_samples"]), seed=study.seed)
     nuts_s = time.perf_counter() - t0
     draws = nuts.samples["loc"] if isinstance(nuts.samples, dict) and "loc" in nuts.samples else None
     if draws is not None:
@@ -247,7 +253,8 @@ def stage_identities(study: Study, doc: Document) -> str:
     from scripts import demos
 
     args = argparse.Namespace(dataset=study.args.dataset, data=None, data_dir=study.args.data_dir,
-                              binarize="none", val_fraction=0.1, latent_dim=2, quick=False, seed=study.seed)
+                              binarize="none", val_fraction=0.1, latent_dim=2, quick=study.args.quick,
+                              seed=study.seed)
     out = os.path.join(study.out, "identities")
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
