@@ -40,13 +40,13 @@ STAGES = ("ppca", "gaussian", "vae", "identities")
 # MNIST is the same study at full size.
 BUDGETS = {
     "digits": {"ppca_steps": 600, "gaussian_steps": 600, "vae_epochs": 100, "vae_batch": 100, "n_samples": 1000,
-               "latent_dim": 4, "hidden": (128, 128), "n_components": 10, "iwae_k": 5, "nuts_samples": 500},
+               "latent_dim": 4, "hidden": (128, 128), "n_components": 10, "iwae_k": 5, "nuts_samples": 300},
     "mnist": {"ppca_steps": 600, "gaussian_steps": 600, "vae_epochs": 10, "vae_batch": 100, "n_samples": 1000,
-              "latent_dim": 10, "hidden": (300, 300), "n_components": 50, "iwae_k": 5, "nuts_samples": 500},
+              "latent_dim": 10, "hidden": (300, 300), "n_components": 50, "iwae_k": 5, "nuts_samples": 300},
 }
 BUDGETS["fashion-mnist"] = BUDGETS["mnist"]
 # --quick: the same report from tiny budgets (a smoke test of the whole pipeline; numbers not meaningful)
-QUICK = {"ppca_steps": 60, "gaussian_steps": 60, "vae_epochs": 2, "n_samples": 50, "nuts_samples": 60}
+QUICK = {"ppca_steps": 60, "gaussian_steps": 60, "vae_epochs": 2, "n_samples": 50, "nuts_samples": 40}
 
 
 def build_parser():
@@ -88,6 +88,33 @@ class Study:
                                                    threads=self.args.threads).to_dict(), **train},
                 "data": data, "eval": {"eval_particles": 10, "n_samples": self.budget["n_samples"], **eval_kw}}
         return fit_script.run(spec, os.path.join(self.out, name), overwrite=True, resume=False)
+
+
+def diagnose(study: "Study", name: str, *flags: str) -> dict:
+    """scripts.diagnose on the run OUT/name (InferenceData, Pareto k, LOO, predictive checks,
+    written into that run directory); returns its diagnostics.json."""
+    from scripts import diagnose as diagnose_script
+
+    run_dir = os.path.join(study.out, name)
+    argv = [run_dir, "--seed", str(study.seed), "--n-samples", str(max(21, study.budget["n_samples"])), *flags]
+    if study.args.threads is not None:
+        argv += ["--threads", str(study.args.threads)]
+    if study.args.quick:  # later flags win: few rows and draws
+        argv += ["--max-rows", "40", "--draws", "20"]
+    if diagnose_script.main(argv) != 0:
+        raise RuntimeError(f"diagnose.py failed on {run_dir}")
+    import json
+
+    with open(os.path.join(run_dir, "diagnostics.json")) as f:
+        return json.load(f)
+
+
+def _k_share(est: dict | None) -> str:
+    """The share of rows whose importance weights have Pareto k > 0.7, and the verdict."""
+    k = est.get("pareto_k") if isinstance(est, dict) else None
+    if not k:
+        return "n/a"
+    return f"{100 * k['share_above_0.7']:.1f}%" + ("" if k["reliable"] else " (**unreliable**)")
 
 
 def _pm(est: dict | None, digits: int = 2) -> str:
@@ -134,6 +161,15 @@ def stage_ppca(study: Study, doc: Document) -> str:
     ])
     doc.figure("ppca/loss_curve.png", "PPCA: the training ELBO per datapoint against the step, with the "
                "closed-form maximum log-likelihood (dashed)")
+    dg = diagnose(study, "ppca", "--max-rows", "270")
+    ll = dg["importance_log_likelihood"]
+    doc.para(f"Diagnostics (`ppca/summary.md`, InferenceData `ppca/diagnostics.nc`): the importance-sampled test "
+             f"log-likelihood {_pm(ll, 3)} (K = {ll['n_samples']}) against the exact "
+             f"{m['test_log_likelihood']:.3f}; rows whose importance weights have Pareto k > 0.7: {_k_share(ll)} "
+             "(the guide is the exact posterior up to training error, so the weights are nearly constant). "
+             "Posterior-predictive p-values: " + ", ".join(f"{k} {v['p_value']:.2f}" for k, v in dg["ppc"].items())
+             + " (near 0 or 1: the model misses that statistic of the data).")
+    doc.figure("ppca/ppc.png", "PPCA: posterior-predictive checks (replicated statistics against the observed)")
     study.summary["stages"]["ppca"] = {"optimum": m["mle_log_likelihood"], "svi": m["train_log_likelihood"],
                                        "svi_seconds": m["seconds"], "em_steps": em_steps, "em_seconds": em_seconds}
     return (f"SVI {m['steps']} steps: {gap:.4f} nats below the closed-form optimum {m['mle_log_likelihood']:.3f}; "
@@ -152,9 +188,6 @@ def correlated_pixels(x: torch.Tensor) -> tuple[int, int, float]:
 
 
 def stage_gaussian(study: Study, doc: Document) -> str:
-    from inference.mcmc import run_nuts
-    import models
-
     full = load_dataset(study.args.dataset, data_dir=study.args.data_dir)
     i, j, rho = correlated_pixels(full.train)
     os.makedirs(os.path.join(study.out, "gaussian"), exist_ok=True)
@@ -176,20 +209,18 @@ def stage_gaussian(study: Study, doc: Document) -> str:
         kl = m["train_kl_to_posterior"]["total_nats"]
         rows.append([f"SVI, {guide}", *(f"{v:.4f}" for v in g["loc_mean"]), *(f"{v:.4f}" for v in g["loc_sd"]),
                      " / ".join(f"{v:.2f}" for v in m["guide_loc_variance_ratio"]), f"{kl:.3f}"])
-    # NUTS on the same training rows
-    from inference.loaders import load_dataset as _ld
+    # NUTS, the exact posterior and the guide side by side: scripts.diagnose on the structured run
+    nuts_samples = study.budget["nuts_samples"]
+    dg = diagnose(study, "gaussian/structured", "--nuts-samples", str(nuts_samples), "--nuts-warmup",
+                  str(min(300, nuts_samples)), "--nuts-chains", "2")
+    import arviz as az
 
-    d = _ld(data_path=path)
-    torch.manual_seed(study.seed)
-    model = models.build_model("gaussian", {"guide": "structured"}, d.data_dim, d.n_train)
-    t0 = time.perf_counter()
-    nuts = run_nuts(model, d.train, num_samples=study.budget["nuts_samples"],
-                    warmup_steps=min(300, study.budget["nuts_samples"]), seed=study.seed)
-    nuts_s = time.perf_counter() - t0
-    draws = nuts.samples["loc"] if isinstance(nuts.samples, dict) and "loc" in nuts.samples else None
-    if draws is not None:
-        rows.append([f"NUTS ({study.budget['nuts_samples']} draws)", *(f"{v:.4f}" for v in draws.mean(0)),
-                     *(f"{v:.4f}" for v in draws.std(0)), "", ""])
+    nuts_post = az.from_netcdf(os.path.join(study.out, "gaussian", "structured", "diagnostics_nuts.nc")).posterior
+    draws = torch.as_tensor(nuts_post["loc"].values).reshape(-1, 2)
+    rows.append([f"NUTS (2 chains x {nuts_samples} draws)", *(f"{v:.4f}" for v in draws.mean(0)),
+                 *(f"{v:.4f}" for v in draws.std(0)), "", ""])
+    d = load_dataset(data_path=path)
+    nuts_s = dg["nuts"]["seconds"]
     doc.heading("The Bayesian Gaussian: variational, exact and NUTS posteriors")
     doc.para(f"Pixels {i} and {j} of the {study.args.dataset} images (grey levels, standardized; correlation "
              f"{rho:.2f}), {d.n_train} training rows, full-batch SVI with 16 draws per step, a Normal-Wishart prior on (loc, precision). The posterior of loc is "
@@ -200,6 +231,14 @@ def stage_gaussian(study: Study, doc: Document) -> str:
              "evidence minus a Monte Carlo ELBO.")
     doc.table(["posterior", "E[loc_1]", "E[loc_2]", "sd(loc_1)", "sd(loc_2)", "var(loc) guide / exact",
                "KL(q ‖ posterior), nats"], rows)
+    gk = dg["guide_pareto_k"]
+    doc.para(f"The structured guide's Pareto k (Yao et al. 2018, over its draws of the global latents): "
+             f"{gk['k']:.2f}: {gk['reading']}. NUTS: {dg['nuts']['divergences']} divergences in "
+             f"{dg['nuts']['seconds']:.0f} s. Summary tables (mean, sd, HDI; ESS and R-hat for NUTS) and the "
+             "InferenceData files: `gaussian/structured/summary.md`, `diagnostics*.nc`.")
+    doc.figure("gaussian/structured/forest.png", "The Bayesian Gaussian: guide, exact and NUTS posteriors "
+               "side by side (94% intervals)")
+    doc.figure("gaussian/structured/pair.png", "The Bayesian Gaussian: pairwise posterior draws")
     study.summary["stages"]["gaussian"] = {"pixels": [i, j], "correlation": rho,
                                            "variance_ratio": {g: m["guide_loc_variance_ratio"] for g, m in res.items()},
                                            "nuts_seconds": nuts_s}
@@ -225,7 +264,7 @@ def stage_vae(study: Study, doc: Document) -> str:
                 ll = m.get("test_log_likelihood")
                 au = m.get("test_active_units", {})
                 rows.append([model, guide, f"{objective} (K = {train['n_particles']})", _pm(m["train_elbo"]),
-                             _pm(m.get("test_elbo")), _pm(ll),
+                             _pm(m.get("test_elbo")), _pm(ll), _k_share(ll),
                              f"{au['active_units']} / {au['latent_dim']}" if au else "n/a", f"{m['seconds']:.1f}"])
                 if isinstance(ll, dict) and (best is None or ll["mean"] > best[1]):
                     best = (name, ll["mean"])
@@ -237,13 +276,22 @@ def stage_vae(study: Study, doc: Document) -> str:
              "expectation). A per-datapoint guide has no encoder: it cannot infer test images without an "
              "optimization of its own, so its test columns are empty here.")
     doc.table(["model", "guide", "objective", "train ELBO", "test ELBO", "test log-likelihood",
-               "active units", "seconds"], rows)
+               "rows with Pareto k > 0.7", "active units", "seconds"], rows)
+    doc.para("Pareto k (PSIS, Vehtari et al.) of each test image's importance weights: above 0.7 the "
+             "estimate of that row is unreliable; the column marks the whole estimate unreliable when more than "
+             "1% of the rows are (the weights have too heavy a tail for K draws).")
     for name in ("vae-amortized-elbo", "gmvae-amortized-iwae"):
         for pic, what in (("reconstructions.png", "test images and their reconstructions"),
                           ("prior_samples.png", "samples from the prior (Bernoulli means)"),
                           ("latent_means.png", "the guide's means of the test images, in 2-D")):
             if os.path.exists(os.path.join(study.out, "vae", name, pic)):
                 doc.figure(f"vae/{name}/{pic}", f"{name}: {what}")
+    for name in ("vae-amortized-elbo", "gmvae-amortized-iwae"):
+        dg = diagnose(study, f"vae/{name}", "--max-rows", "270")
+        doc.figure(f"vae/{name}/pareto_k.png", f"{name}: Pareto k of each test image's importance weights")
+        doc.para(f"{name}: posterior-predictive p-values " + ", ".join(
+            f"{k} {v['p_value']:.2f}" for k, v in dg["ppc"].items()) + "; diagnostics and InferenceData in "
+            f"`vae/{name}/summary.md`, `vae/{name}/diagnostics.nc`.")
     study.summary["stages"]["vae"] = {"best": best}
     return f"{len(rows)} fits; best test log-likelihood {best[1]:.2f} ({best[0]})" if best else f"{len(rows)} fits"
 
