@@ -29,6 +29,7 @@ class MCMCResult:
     divergences: int
     seconds: float
     ess: dict[str, torch.Tensor] = field(default_factory=dict)  # per site, elementwise
+    mcmc: MCMC | None = None  # the pyro MCMC object (for az.from_pyro)
 
     def describe(self) -> dict:
         return {"sampler": "NUTS", "num_samples": self.num_samples, "warmup_steps": self.warmup_steps,
@@ -67,4 +68,4 @@ def run_nuts(model, x: torch.Tensor, num_samples: int = 500, warmup_steps: int =
     diag = mcmc.diagnostics()
     divergences = sum(len(v) for v in diag.get("divergences", {}).values())
     ess = {k: effective_sample_size(v, num_chains) for k, v in samples.items()}
-    return MCMCResult(samples, num_samples, warmup_steps, num_chains, divergences, seconds, ess)
+    return MCMCResult(samples, num_samples, warmup_steps, num_chains, divergences, seconds, ess, mcmc)

@@ -169,6 +169,17 @@ class NormalWishart:
         normal = torch.distributions.MultivariateNormal(self.loc, precision_matrix=self.kappa * precision.double())
         return wishart.log_prob(precision.double()) + normal.log_prob(loc.double())
 
+    def sample(self, n: int) -> dict:
+        """n exact draws: precision ~ Wishart(df, V), loc | precision ~ N(loc, (kappa precision)^-1);
+        {"loc": (n, d), "precision": (n, d, d)}, float64."""
+        d = self.d
+        diag = torch.distributions.Chi2(self.df - torch.arange(d, dtype=F64)).sample((n,))  # (n, d)
+        lower = torch.randn(n, d * (d - 1) // 2, dtype=F64) if d > 1 else None
+        chol = torch.linalg.cholesky(self.scale) @ bartlett_factor(diag, lower)  # Bartlett: L A
+        precision = chol @ chol.transpose(-1, -2)  # (n, d, d)
+        loc = torch.distributions.MultivariateNormal(self.loc, precision_matrix=self.kappa * precision).sample()
+        return {"loc": loc, "precision": precision}
+
     def marginal_loc(self) -> dist.MultivariateStudentT:
         """p(loc): Student-t with df - d + 1 degrees of freedom."""
         nu = self.df - self.d + 1
@@ -245,6 +256,13 @@ class NormalGamma:
     def predictive(self) -> dist.MultivariateStudentT:
         return self.to_normal_wishart().predictive()
 
+    def sample(self, n: int) -> dict:
+        """n exact draws {"loc": (n, 1), "precision": (n, 1, 1)}, float64."""
+        precision = torch.distributions.Gamma(torch.tensor(self.shape, dtype=F64),
+                                              torch.tensor(self.rate, dtype=F64)).sample((n,))
+        loc = self.loc + torch.randn(n, dtype=F64) / (self.kappa * precision).sqrt()
+        return {"loc": loc[:, None], "precision": precision[:, None, None]}
+
     def to_normal_wishart(self) -> NormalWishart:
         """The same distribution as a 1-D Normal-Wishart (df = 2 shape, V = 1 / (2 rate))."""
         return NormalWishart(torch.tensor([self.loc], dtype=F64), self.kappa, 2 * self.shape,
@@ -285,6 +303,12 @@ class NormalKnownScale:
         d, ratio = self.loc.shape[0], other.kappa / self.kappa
         quad = other.kappa * float(((self.loc - other.loc) ** 2).sum()) / self.noise_scale**2
         return 0.5 * (d * ratio - d - d * math.log(ratio) + quad)
+
+    def sample(self, n: int) -> dict:
+        """n exact draws {"loc": (n, d), "precision": (n, d, d)} (the precision is known), float64."""
+        d = self.loc.shape[0]
+        loc = self.loc + self.scale * torch.randn(n, d, dtype=F64)
+        return {"loc": loc, "precision": (torch.eye(d, dtype=F64) / self.noise_scale**2).expand(n, d, d)}
 
     def predictive(self) -> dist.Distribution:
         scale = self.noise_scale * math.sqrt(1 + 1 / self.kappa)
@@ -543,6 +567,11 @@ class BayesianGaussian(PyroModule):
 
     def exact_posterior(self, x: torch.Tensor):
         return self.prior().update(x)
+
+    def exact_posterior_samples(self, x: torch.Tensor, n_samples: int) -> dict:
+        """n draws of (loc, precision) from the exact posterior given the rows x:
+        {"loc": (S, d), "precision": (S, d, d)}, float64 (the variables ``quantities`` gives)."""
+        return self.exact_posterior(x).sample(n_samples)
 
     def log_evidence(self, x: torch.Tensor) -> float:
         """log p(X), total nats (the exact quantity every ELBO of this model bounds)."""

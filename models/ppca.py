@@ -232,6 +232,12 @@ class PPCA(PyroModule):
         """p(z_i | x_i) = N(loc_i, cov): loc (N, k) and the shared cov (k, k), float64."""
         return posterior(x, *self.params64())
 
+    def exact_posterior_samples(self, x: torch.Tensor, n_samples: int) -> dict:
+        """n draws of each row's z from its exact posterior: {"z": (S, N, k)}, float64."""
+        loc, cov = self.exact_posterior(x)
+        eps = torch.randn((n_samples,) + tuple(loc.shape), dtype=loc.dtype)  # (S, N, k)
+        return {"z": loc + eps @ torch.linalg.cholesky(cov).T}
+
 
 # ------------------------------------------------------------------------------ closed forms
 

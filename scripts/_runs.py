@@ -46,6 +46,21 @@ def read_spec(run_dir: str) -> dict:
     return spec
 
 
+def open_run(run_dir: str, out: str | None, threads: int | None) -> tuple[Run, str]:
+    """What a script that re-reads a run does first: torch's thread count, the output
+    directory (``out``, by default the run's own; refused if it is a file), glibc's
+    allocator tuned, and the run loaded. Returns (run, output directory)."""
+    from inference.evaluate import tune_malloc
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    out = out or run_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    tune_malloc()
+    return load_run(run_dir), out
+
+
 def load_run(run_dir: str) -> Run:
     """The run's spec, its data (loaded as the run loaded it) and its model with the
     checkpoint's parameters, in eval mode."""

@@ -6,7 +6,8 @@ Writes into --out DIR: metrics.json (every row with its details), demos.md (the 
 the notes under it and the sub-tables) and the figures iwae_vs_k.png, bimodal_fit.png and
 samples_for_accuracy.png. The PPCA rows use the data's closed-form maximum-likelihood
 PPCA with --latent-dim factors, evaluated on its test rows; the VAE row uses a small
-Bernoulli VAE at its initialization on the data binarized.
+Bernoulli VAE (models.vae, k = 2, 32 tanh units) at its initialization on the
+data binarized.
 """
 
 from __future__ import annotations
@@ -16,16 +17,13 @@ import os
 import sys
 import time
 
-import pyro
-import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 
 from inference import identities as ids
 from inference.errors import UsageError
 from inference.files import atomic_write, save_json
 from inference.plots import save_figure
-from models.common import data_plate, mlp
+from models.vae import VAE, VAEConfig
 from scripts import _cli
 
 import matplotlib.pyplot as plt  # noqa: E402  (inference.plots selected the Agg backend)
@@ -44,31 +42,11 @@ SIZES = {
 }
 
 
-class TinyBernoulliVAE(PyroModule):
-    """A small VAE for the gradient-variance row (models.vae will replace it):
-
-    z ~ N(0, I_k)                                 z: (B, k)
-    x | z ~ Bernoulli(logits = decoder(z))        x: (B, D), decoder D <- h <- k (tanh)
-    q(z | x) = N(loc(x), diag scale(x)^2)         encoder k, k <- h <- D (tanh)
-    """
-
-    max_plate_nesting = 1
-
-    def __init__(self, data_dim: int, latent_dim: int = 2, hidden: int = 32):
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.encoder_net = mlp([data_dim, hidden, 2 * latent_dim], "tanh")
-        self.decoder_net = mlp([latent_dim, hidden, data_dim], "tanh")
-
-    def model(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
-        with data_plate(x.shape[0], x, idx):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0).expand([self.latent_dim]).to_event(1))  # (..., B, k)
-            pyro.sample("x", dist.Bernoulli(logits=self.decoder_net(z)).to_event(1), obs=x)  # (..., B, D)
-
-    def guide(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
-        loc, log_scale = self.encoder_net(x).chunk(2, -1)  # (B, k) each
-        with data_plate(x.shape[0], x, idx):
-            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+def small_vae(data_dim: int, n_rows: int) -> VAE:
+    """The row-6 VAE: models.vae's VAE, small (k = 2, one tanh layer of 32), float64, at
+    its (seeded) initialization: p(z) = N(0, I), x | z ~ Bernoulli(logits = f(z)),
+    q(z | x) = N(loc(x), diag scale(x)^2)."""
+    return VAE(VAEConfig(latent_dim=2, hidden=(32,), activation="tanh"), data_dim, n_rows).double()
 
 
 def binarized(x: torch.Tensor) -> torch.Tensor:
@@ -230,10 +208,10 @@ def run(args, out: str) -> dict:
 
     def vae_rows():
         torch.manual_seed(seed)
-        vae = TinyBernoulliVAE(data.data_dim).double()
         xb = binarized(evaluation[:10])
-        return ids.reparameterization_vs_score(vae.model, vae.guide, list(vae.encoder_net.parameters()),
-                                               (xb, None), "small Bernoulli VAE at initialization", ("6d",),
+        vae = small_vae(data.data_dim, xb.shape[0])
+        return ids.reparameterization_vs_score(vae.model, vae.guide, list(vae.encoder.parameters()),
+                                               (xb, None), "small Bernoulli VAE (models.vae) at initialization", ("6d",),
                                                n_groups=n["grad_groups"], seed=seed)
 
     stage("6 gradients, VAE", vae_rows)

@@ -2,9 +2,10 @@
 row, the ELBO, reconstruction and KL terms from the same draws, and the active units.
 
 Rebuilds the model from RUN_DIR/config.json and RUN_DIR/checkpoint.ckpt and writes
-DIR/evaluation.json (DIR = --out, by default RUN_DIR) atomically; the run's own
-metrics.json is never touched. Numbers are nats per datapoint, each a mean over the
-rows with its standard error.
+DIR/evaluation.json (DIR = --out, by default RUN_DIR) atomically, with the Pareto k of
+each row's importance weights summarized and flagged (and plotted in
+DIR/evaluation_pareto_k.png); the run's own metrics.json is never touched. Numbers
+are nats per datapoint, each a mean over the rows with its standard error.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import time
 
 import torch
 
+from inference.diagnostics import ParetoK, reliability_note
 from inference.errors import UsageError
-from inference.evaluate import active_units, importance_estimates, tune_malloc
+from inference.evaluate import active_units, importance_estimates
 from inference.files import save_json
 from scripts import _cli, _runs
 
@@ -45,9 +47,10 @@ def build_parser():
 
 
 def evaluate(run: _runs.Run, split: str, n_samples: int, seed: int = 0, max_rows: int | None = None,
-             batch_size: int | None = None, per_row: bool = False) -> dict:
+             batch_size: int | None = None, per_row: bool = False, pareto: ParetoK | None = None) -> dict:
     """The evaluation record of a run (what evaluation.json holds); ``per_row`` adds each
-    row's log-likelihood estimate (for paired comparisons of runs on the same rows)."""
+    row's log-likelihood estimate (for paired comparisons of runs on the same rows).
+    ``pareto``: a ParetoK to fill with each row's k (one is made if not given)."""
     data, model = run.data, run.model
     x = getattr(data, split)
     rows = None
@@ -64,13 +67,14 @@ def evaluate(run: _runs.Run, split: str, n_samples: int, seed: int = 0, max_rows
         x = x[:max_rows]
         rows = None if rows is None else rows[:max_rows]
     t0 = time.perf_counter()
-    est = importance_estimates(model, x, n_samples, rows, seed=seed, batch_size=batch_size)
+    pareto = ParetoK() if pareto is None else pareto
+    est = importance_estimates(model, x, n_samples, rows, seed=seed, batch_size=batch_size, on_log_weights=pareto)
     seconds = time.perf_counter() - t0
     out = {
         "run": os.path.abspath(run.path), "model": run.spec["model"], "checkpoint_step": run.step,
         "split": split, "n_rows": int(x.shape[0]), "n_samples": n_samples, "seed": seed,
         "units": "nats per datapoint",
-        "log_likelihood": est["log_likelihood"].to_dict(),
+        "log_likelihood": {**est["log_likelihood"].to_dict(), "pareto_k": pareto.summary()},
         "elbo": est["elbo"].to_dict(), "recon": est["recon"].to_dict(), "kl": est["kl"].to_dict(),
         "seconds": seconds,
     }
@@ -84,20 +88,20 @@ def evaluate(run: _runs.Run, split: str, n_samples: int, seed: int = 0, max_rows
 @_cli.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    out_dir = args.out or args.run_dir
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"--out {out_dir}: exists and is not a directory")
-    tune_malloc()
-    run = _runs.load_run(args.run_dir)
-    result = evaluate(run, args.split, args.n_samples, args.seed, args.max_rows, args.batch_size)
+    run, out_dir = _runs.open_run(args.run_dir, args.out, args.threads)
+    pareto = ParetoK()
+    result = evaluate(run, args.split, args.n_samples, args.seed, args.max_rows, args.batch_size, pareto=pareto)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, EVALUATION)
     save_json(result, path)
+    from inference.diagnostic_plots import pareto_k_plot
+
+    pareto_k_plot(pareto.values, os.path.join(out_dir, "evaluation_pareto_k.png"),
+                  f"{run.spec['model']} {args.split} rows: Pareto k of each row's importance weights", args.n_samples)
     ll, elbo = result["log_likelihood"], result["elbo"]
     line = (f"{run.spec['model']} {args.split} ({result['n_rows']} rows): log-likelihood (K = {args.n_samples}) "
-            f"{ll['mean']:.3f} ± {ll['se']:.3f}, ELBO {elbo['mean']:.3f} ± {elbo['se']:.3f} nats/datapoint")
+            f"{ll['mean']:.3f} ± {ll['se']:.3f} [{reliability_note(ll['pareto_k'])}], "
+            f"ELBO {elbo['mean']:.3f} ± {elbo['se']:.3f} nats/datapoint")
     if "active_units" in result:
         au = result["active_units"]
         line += f", {au['active_units']}/{au['latent_dim']} active units"

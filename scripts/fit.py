@@ -26,6 +26,7 @@ import torch
 import models
 from inference.errors import UsageError
 from inference import distributed
+from inference.diagnostics import ParetoK, compose, reliability_note
 from inference.evaluate import (IWAELadder, active_units, elbo_estimate, elbo_terms, global_latent_sites,
                                  importance_estimates, tune_malloc)
 from inference.files import save_json
@@ -173,7 +174,8 @@ def run(spec: dict, out: str, overwrite: bool, resume: bool) -> dict:
         # a run killed before its first checkpoint resumes from the start: nothing was saved
         from_checkpoint = resume and os.path.isfile(run_dir.file(CHECKPOINT))
         result = fit(model, data, train, out_dir=out, resume=from_checkpoint)
-        metrics = evaluate_run(model, data, spec, result)  # every rank takes part
+        pareto = ParetoK()  # the Pareto k of each test row's importance weights (if any are drawn)
+        metrics = evaluate_run(model, data, spec, result, pareto=pareto)  # every rank takes part
         metrics["wall_seconds"] = time.perf_counter() - t0
         metrics["world_size"], metrics["rank_param_diff"] = result.world_size, result.rank_param_diff
         if distributed.rank_and_world()[0] != 0:
@@ -186,10 +188,15 @@ def run(spec: dict, out: str, overwrite: bool, resume: bool) -> dict:
                    title=f"{spec['model']} / {train.objective} on {data.name}", reference=ref,
                    reference_label="closed-form max log-likelihood" if ref is not None else "")
         model_pictures(model, data, out, name=f"{spec['model']} / {train.objective}", seed=train.seed)
+        if pareto.n:
+            from inference.diagnostic_plots import pareto_k_plot
+
+            pareto_k_plot(pareto.values, run_dir.file("pareto_k.png"), f"{spec['model']} / {train.objective} on "
+                          f"{data.name}: Pareto k of each test row's importance weights", pareto.n_samples)
     return metrics
 
 
-def evaluate_run(model, data, spec, result) -> dict:
+def evaluate_run(model, data, spec, result, pareto: ParetoK | None = None) -> dict:
     """The reported numbers: ELBO (and its terms) per datapoint on each split."""
     k = spec["eval"]["eval_particles"]
     model.eval()
@@ -230,23 +237,31 @@ def evaluate_run(model, data, spec, result) -> dict:
         metrics["train_kl_to_posterior"] = {"mean": kl, "se": elbo["se"], "total_nats": kl * data.n_train}
     if getattr(model, "amortized", True) and not global_latents and data.test.shape[0]:
         metrics.update(test_likelihood_metrics(model, data.test, spec["eval"].get("n_samples", N_SAMPLES),
-                                               seed=spec["train"]["seed"] + 2, exact="test_log_likelihood" in metrics))
+                                               seed=spec["train"]["seed"] + 2, exact="test_log_likelihood" in metrics,
+                                               pareto=pareto))
     return metrics
 
 
-def test_likelihood_metrics(model, x, n_samples: int, seed: int, exact: bool = False) -> dict:
+def test_likelihood_metrics(model, x, n_samples: int, seed: int, exact: bool = False,
+                            pareto: ParetoK | None = None) -> dict:
     """The importance-sampled test log-likelihood (K = n_samples) with its standard error;
     from the same draws the ELBO, its reconstruction and KL terms and the IWAE_m bounds
     for m = 1, 10, 100, ... dividing K (``test_importance``); and the active units.
     The log-likelihood goes under ``test_log_likelihood``, or ``test_log_likelihood_is``
-    when the model already reported its exact value under that name (``exact``)."""
+    when the model already reported its exact value under that name (``exact``).
+    Both carry ``pareto_k``: the Pareto k of each row's K importance weights, summarized
+    (``inference.diagnostics.ParetoK``, also left in ``pareto`` when given), with the
+    flag ``reliable``."""
     sizes = tuple(m for m in (10**i for i in range(7)) if m <= n_samples and n_samples % m == 0)
     ladder = IWAELadder(int(x.shape[0]), sizes)
-    est = importance_estimates(model, x, n_samples, seed=seed, on_log_weights=ladder)
+    pareto = ParetoK() if pareto is None else pareto
+    est = importance_estimates(model, x, n_samples, seed=seed, on_log_weights=compose(ladder, pareto))
     key = "test_log_likelihood_is" if exact else "test_log_likelihood"
-    out = {key: {**est["log_likelihood"].to_dict(), "n_samples": n_samples},
+    pareto_k = pareto.summary()
+    out = {key: {**est["log_likelihood"].to_dict(), "n_samples": n_samples, "pareto_k": pareto_k},
            "test_importance": {"n_samples": n_samples, **{t: est[t].to_dict() for t in ("elbo", "recon", "kl")},
-                               "iwae": {str(m): e.to_dict() for m, e in ladder.estimates().items()}}}
+                               "iwae": {str(m): e.to_dict() for m, e in ladder.estimates().items()},
+                               "pareto_k": pareto_k}}
     if hasattr(model, "guide_dist"):
         au = active_units(model, x)
         out["test_active_units"] = {k: au[k] for k in ("active_units", "latent_dim", "threshold")}
@@ -275,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ll = metrics.get("test_log_likelihood")
     if isinstance(ll, dict):
         line += f", test log-likelihood (K = {ll['n_samples']}) {ll['mean']:.3f} ± {ll['se']:.3f}"
+        if ll.get("pareto_k"):
+            line += f" [{reliability_note(ll['pareto_k'])}]"
     line += f" nats/datapoint; {metrics['steps']} steps in {metrics['seconds']:.1f} s -> {out}/metrics.json"
     print(line)
     return 0

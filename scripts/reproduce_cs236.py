@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from inference.diagnostics import reliability_note
 from inference.errors import UsageError
 from inference.evaluate import tune_malloc
 from inference.train import TrainConfig
@@ -91,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         row = [q]
         for name in names:
             pub = PUBLISHED[name].get(q)
-            row += ["—" if pub is None else f"{pub:g}", _reproduce.pm(*vals[name][q]) if q in vals[name] else "—"]
+            cell = _reproduce.pm(*vals[name][q]) if q in vals[name] else "—"
+            pk = results[name].get("test_log_likelihood", {}).get("pareto_k")
+            if q == f"IWAE-{args.n_samples}" and pk and pk.get("reliable") is False:
+                cell += " (UNRELIABLE: Pareto k)"
+            row += ["—" if pub is None else f"{pub:g}", cell]
         rows.append(row)
     extra = []
     for name in names:
@@ -100,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         epochs = m["steps"] * m["config"]["train"]["batch_size"] / m["data"]["n_train"]
         extra.append(f"- {name}: {m['steps']} steps ({epochs:.1f} epochs of {m['data']['n_train']} images) in "
                      f"{m['seconds']:.0f} s of training; {au.get('active_units')} of {au.get('latent_dim')} "
-                     f"active units; {m['test_importance']['n_samples']} importance samples per test image.")
+                     f"active units; {m['test_importance']['n_samples']} importance samples per test image, "
+                     f"Pareto k of their weights: {reliability_note(m.get('test_log_likelihood', {}).get('pareto_k'))}"
+                     ".")
     lines = [
         "# CS236 homework protocol on MNIST: ours beside the published values", "",
         f"Command: `{cmd.strip()}`", "",

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from inference.diagnostics import reliability_note
 from inference.errors import UsageError
 from inference.evaluate import tune_malloc
 from inference.files import save_json
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "active_units": au["active_units"], "train_seconds": m["seconds"]}
             pub = PUBLISHED_NLL.get((kind, k))
             rows.append([kind.upper(), str(k), "—" if pub is None else f"{pub:.2f}",
-                         _reproduce.pm(*nll), "0 (baseline)" if name == "vae-k1" else _reproduce.pm(*diff),
+                         _reproduce.pm(*nll), reliability_note(ev["log_likelihood"].get("pareto_k")),
+                         "0 (baseline)" if name == "vae-k1" else _reproduce.pm(*diff),
                          f"{au['active_units']} / {au['latent_dim']}",
                          _reproduce.pm(-bound["mean"], bound["se"]), f"{m['seconds'] / 60:.1f}"
                          + (" (same run as VAE k = 1)" if kind == "iwae" and k == 1 else "")])
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     n_test = metrics["vae-k1"]["data"]["n_test"]
     tab = _reproduce.table(
         ["model", "K (training)", "published NLL (3280 epochs)", f"ours: test NLL ± s.e. ({args.epochs} epochs)",
+         "Pareto k of its importance weights",
          "ours minus VAE k = 1 (paired) ± s.e.", f"active units ({n_test} test images)",
          f"ours: -IWAE_{args.fit_samples} bound, {n_test} test images", "training minutes"], rows)
     gap_tab = _reproduce.table(["K", "published IWAE minus VAE", "ours: IWAE minus VAE (paired) ± s.e."], gaps)
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         f"images (batch {args.batch_size}, learning rate 1e-3 decayed to {lr_final:.2e}), against the paper's "
         f"{PAPER_EPOCHS}; test NLL = minus the {args.n_samples}-sample importance estimate on the first "
         f"{args.test_rows} test images (the same images for every model, so the differences are paired and their "
-        "standard errors small); ± is one standard error over images.", "",
+        "standard errors small); ± is one standard error over images. An estimate is marked UNRELIABLE when "
+        "more than 1% of its images have Pareto k > 0.7 (PSIS; inference/diagnostics.py).", "",
         *tab, "", "IWAE against VAE at the same K (negative: IWAE better):", "", *gap_tab, "",
         f"_Wall time {time.perf_counter() - t0:.0f} s with {args.threads} thread(s)._",
     ]

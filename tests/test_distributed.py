@@ -112,7 +112,7 @@ def test_fit_script_under_ddp_writes_once_and_evaluates_like_one_process(tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("ppca: train ELBO") == 1, r.stdout  # rank 1 shares stdout and prints nothing
     assert sorted(os.listdir(out)) == ["checkpoint.ckpt", "config.json", "history.csv", "latent_means.png",
-                                       "loss_curve.png", "metrics.json"]  # and the lock is gone
+                                       "loss_curve.png", "metrics.json", "pareto_k.png"]  # and the lock is gone
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["rank_param_diff"] == 0.0 and m["steps"] == 20
     assert len((out / "history.csv").read_text().splitlines()) == 1 + 20

@@ -312,9 +312,9 @@ def test_gradient_unbiasedness_fails_for_a_wrong_gradient(ppca2, digits):
 def test_gradient_variance_on_a_small_vae(digits):
     _, test = digits
     torch.manual_seed(0)
-    vae = demos.TinyBernoulliVAE(test.shape[1]).double()
     x = demos.binarized(test[:10])
-    rows = ids.reparameterization_vs_score(vae.model, vae.guide, list(vae.encoder_net.parameters()), (x, None),
+    vae = demos.small_vae(test.shape[1], x.shape[0])
+    rows = ids.reparameterization_vs_score(vae.model, vae.guide, list(vae.encoder.parameters()), (x, None),
                                            "VAE", ("6d",), n_groups=20, seed=0)
     assert rows[0].holds and rows[0].lhs > 10
     # both estimators estimate the same gradient: the score mean projects onto the reparameterized mean

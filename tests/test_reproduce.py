@@ -36,6 +36,8 @@ def test_reproduce_cs236_tiny(tmp_path):
         for png in ("prior_samples.png", "reconstructions.png", "latent_means.png", "loss_curve.png"):
             assert (out / name / png).is_file()
     assert "| NELBO | 100 |" in table and "| IWAE-1000 | 95 |" in table
+    # K = 10 draws are too few for a Pareto fit (21): the table says so rather than guess
+    assert table.count("Pareto k of their weights: k undetermined") == 2
     # --reuse rebuilds the table from the finished runs without training again
     stamp = (out / "vae" / "checkpoint.ckpt").stat().st_mtime_ns
     assert reproduce_cs236.main(argv + ["--reuse"]) == 0
@@ -54,9 +56,12 @@ def test_reproduce_iwae_tiny(tmp_path):
     for name in ("vae-k1", "vae-k3", "iwae-k3"):
         ev = json.loads((out / name / "evaluation.json").read_text())
         assert ev["n_rows"] == 40 and ev["n_samples"] == 50 and len(ev["log_likelihood_per_row"]) == 40
+        assert ev["log_likelihood"]["pareto_k"]["n_rows"] == 40  # the flag's numbers, from the same draws
         assert m["ours"][name]["nll"][0] == pytest.approx(-ev["log_likelihood"]["mean"])
     # the paired difference is the mean of the per-row differences
     a = json.loads((out / "iwae-k3" / "evaluation.json").read_text())["log_likelihood_per_row"]
     b = json.loads((out / "vae-k3" / "evaluation.json").read_text())["log_likelihood_per_row"]
     assert m["ours"]["iwae-minus-vae-k3"][0] == pytest.approx(sum(y - x for x, y in zip(a, b)) / 40)
-    assert "| IWAE | 3 |" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "| IWAE | 3 |" in table
+    assert table.count("% of rows (reliable)") + table.count("% of rows (UNRELIABLE)") == 4  # every NLL row flagged
