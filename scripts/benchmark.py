@@ -930,6 +930,11 @@ def main(argv: list[str] | None = None) -> int:
             f.write("\n".join(document(results)) + "\n")
         print(f"-> {args.out}/table.md")
         return 0
+    if "baseline" in sections and args.baseline is None:
+        raise UsageError("--sections baseline needs --baseline REF (a git revision to compare against)")
+    needs_mnist = [s for s in sections if s in ("cs236", "baseline") or (s != "ppca" and not args.quick)]
+    if needs_mnist and not os.path.isdir(args.data_dir):
+        raise UsageError(f"--data-dir {args.data_dir}: no such directory (MNIST is needed by {', '.join(needs_mnist)})")
     run_dir = _cli.RunDir(args.out, overwrite=args.overwrite)
     run_dir.check()
     torch.set_num_threads(args.threads)

@@ -260,4 +260,6 @@ def test_benchmark_quick_run_writes_its_results(tmp_path):
     assert all(v["median"] > 0 and v["ratio_to_hand"] > 0 for v in tr["sides"].values())
     assert 0 < res["eval"]["share_of_matmul_rate"] and res["machine"]["threads"] == 1
     assert "| training, s/epoch" in (out / "table.md").read_text()
-    assert benchmark.main(["--sections", "nope", "--out", str(tmp_path / "x")]) == 2
+    for bad in (["--sections", "nope"], ["--sections", "baseline"], ["--sections", "train", "--data-dir", "/nope"]):
+        assert benchmark.main([*bad, "--out", str(tmp_path / "x")]) == 2  # refused before any work
+    assert not (tmp_path / "x").exists()
