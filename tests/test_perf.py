@@ -6,6 +6,7 @@
   and a guide with a site that is not reparameterized (Pyro's estimator);
 * BernoulliLogits against torch's Bernoulli: value and gradient, extreme logits,
   values outside {0, 1}; an importance-sampled evaluation with either;
+* dynamic binarization as u < x: the very draws torch.bernoulli makes;
 * the driver's fused Adam and first-step-only validation against per-tensor Adam and
   validation on every step: the same parameters after the same steps;
 * the benchmark's hand-written yardstick: the same loss and gradient as elbolab's
@@ -139,6 +140,15 @@ def test_bernoulli_logits_equals_torchs_bernoulli():
                                dist.Bernoulli(logits=logits, validate_args=False).log_prob(grey),
                                rtol=1e-5, atol=2e-3)
     assert torch.equal(BernoulliLogits(logits=logits[0]).log_prob(x), dist.Bernoulli(logits=logits[0]).log_prob(x))
+
+
+def test_fast_dynamic_binarization_makes_torch_bernoullis_draws():
+    from inference.loaders import _bernoulli, _bernoulli_fast
+
+    x = torch.rand(100, 784)
+    x[0, :3] = torch.tensor([0.0, 1.0, 0.5])
+    for seed in (0, 1, 2**40 + 7):
+        assert torch.equal(_bernoulli_fast(x, seed), _bernoulli(x, seed))  # the same uniforms, compared
 
 
 def test_evaluation_numbers_unchanged_by_the_fast_likelihood(digits, monkeypatch):
