@@ -629,7 +629,7 @@ def growth_section(args, data: Data) -> dict:
     """Time against N, K, latent size and hidden size, with least-squares log-log slopes."""
     d = data.get("digits" if args.quick else "mnist")
     base = {"latent_dim": 4, "hidden": [32]} if args.quick else CS236
-    x, n, dyn = d.train, d.n_train, d.binarize == "dynamic"
+    x, dyn = d.train, d.binarize == "dynamic"
     steps = 5 if args.quick else 40
     series = {}
 
