@@ -29,7 +29,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyro
 import torch
+from pyro.infer.util import is_validation_enabled
 
 from inference import distributed
 from inference.errors import NonFiniteError, UsageError
@@ -45,6 +47,19 @@ MAX_THREADS = 1024
 # The largest particles x rows x data-dimension tensor a step or an evaluation batch
 # may make (2**27 float32 values: 512 MiB); larger flag values are refused up front.
 MAX_TENSOR_ELEMENTS = 1 << 27
+# Two measured choices of the step (README, "Performance"; tests/test_perf.py checks
+# that each leaves the numbers as they were): Adam as one fused kernel over all
+# parameters, and Pyro's validation on the warm-up pass and the first step of a
+# session only (while it is on for the caller), not on every step.
+FUSED_ADAM = True
+VALIDATE_EVERY_STEP = False
+# And a third: float32 denormals (below 1.2e-38) flushed to zero while training. The
+# importance weights of an IWAE step spread over more than 87 nats put denormal
+# numbers into the backward pass (w_k dlog w_k / dlogits for weights w_k < 1.2e-38),
+# and a CPU computes on denormals 10 to 100 times slower: a K = 50 step of the CS236
+# VAE took 430 ms with them, 115 ms without (one thread). Terms of that size change
+# no float32 sum they are added to.
+FLUSH_DENORMALS = True
 
 
 @dataclass(frozen=True)
@@ -192,6 +207,17 @@ def _checkpoint_io():
 # ----------------------------------------------------------------------------- Lightning
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """torch's Adam, fused (one kernel for every parameter) where torch has that kernel
+    for these parameters (dense floating-point tensors on CPU or CUDA): 1.64 against
+    0.63 ms a step for the 661k parameters of the CS236 VAE on one thread. The same
+    update up to float round-off."""
+    params = list(params)
+    fused = FUSED_ADAM and bool(params) and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=True if fused else None)
+
+
 def _history_to_tensor(rows: list[dict]) -> torch.Tensor:
     return torch.tensor([[r["step"], r["epoch"], r["loss"], r["seconds"]] for r in rows],
                         dtype=torch.float64).reshape(-1, 4)
@@ -220,6 +246,9 @@ def _make_module(model, data: DataSplits, config: TrainConfig, objective: Object
             self.seconds_before = 0.0  # training seconds of earlier (resumed) sessions
             self.row_params: list[torch.nn.Parameter] = []  # tables with row-sparse gradients (see setup)
             self.history_synced = 0  # history rows already averaged over ranks
+            self.validate = is_validation_enabled()  # the caller's Pyro validation (on by default)
+            self.steps_run = 0  # steps of this session
+            self.named_params: list[tuple[str, torch.nn.Parameter]] = []
 
         # -- data --------------------------------------------------------------
         def train_dataloader(self):
@@ -245,6 +274,7 @@ def _make_module(model, data: DataSplits, config: TrainConfig, objective: Object
             names = [n for n, p in self.named_parameters() if p.grad is not None and p.grad.is_sparse]
             self.row_params = [p for n, p in self.named_parameters() if n in names]
             self._ddp_params_and_buffers_to_ignore = names
+            self.named_params = list(self.model.named_parameters())  # (after any lazy ones were made)
             self.zero_grad(set_to_none=True)
 
         def on_train_start(self):
@@ -253,7 +283,7 @@ def _make_module(model, data: DataSplits, config: TrainConfig, objective: Object
         def configure_optimizers(self):
             rows = {id(p) for p in self.row_params}
             dense = [p for p in self.model.parameters() if id(p) not in rows]
-            opts = [torch.optim.Adam(dense if config.sparse_rows else list(self.model.parameters()), lr=config.lr)]
+            opts = [adam(dense if config.sparse_rows else list(self.model.parameters()), lr=config.lr)]
             if config.sparse_rows and self.row_params:
                 opts.append(torch.optim.SparseAdam(self.row_params, lr=config.lr))
             if config.lr_final is None:
@@ -271,7 +301,11 @@ def _make_module(model, data: DataSplits, config: TrainConfig, objective: Object
             opts = opts if isinstance(opts, list) else [opts]
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
-            loss = self.objective(self.model.model, self.model.guide, x, idx)
+            # Pyro's checks (site shapes and supports, model and guide matching) on the first
+            # step: they look at the structure, which later steps repeat (VALIDATE_EVERY_STEP)
+            with pyro.validation_enabled(self.validate and (VALIDATE_EVERY_STEP or self.steps_run == 0)):
+                loss = self.objective(self.model.model, self.model.guide, x, idx)
+            self.steps_run += 1
             self.manual_backward(loss)  # DDP averages the dense gradients over ranks here
             if self.row_params:  # (a collective: before any rank can stop on a bad value)
                 distributed.sync_sparse_grads(self.row_params)  # the rows, averaged over ranks
@@ -282,7 +316,7 @@ def _make_module(model, data: DataSplits, config: TrainConfig, objective: Object
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise NonFiniteError(f"step {step}: the loss is {loss_value}; parameters not updated", step)
-            named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+            named = [(n, p.grad) for n, p in self.named_params if p.grad is not None]
             values = [g._values() if g.is_sparse else g for _, g in named]  # coalesced: no repeated row
             norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(values)))) if values else 0.0
             if not math.isfinite(norm):
@@ -471,6 +505,25 @@ def check_objective_for_model(model, data: DataSplits, config: TrainConfig) -> N
         objective(model.model, model.guide, x0, torch.arange(x0.shape[0]))
 
 
+def denormals_flushed() -> bool:
+    """Whether this thread flushes float32 denormals to zero (torch has no getter)."""
+    return float(torch.tensor([1e-39], dtype=torch.float32) * 2.0) == 0.0
+
+
+@contextlib.contextmanager
+def flushed_denormals(on: bool = True):
+    """Flush denormal floats to zero on the CPU (``torch.set_flush_denormal``) for the
+    duration, then restore the previous mode. The mode belongs to a thread: torch's
+    worker threads created earlier keep theirs (one thread, the default here, is covered)."""
+    before = denormals_flushed()
+    if on:
+        torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
+
+
 @contextlib.contextmanager
 def _quiet_lightning():
     """Lightning's info lines (accelerator banners, tips) off for the duration of a fit."""
@@ -516,7 +569,7 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
     steps_per_epoch = math.ceil(math.ceil(data.n_train / (config.devices * config.num_nodes)) / config.batch_size)
     total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     validate = len(data.val) > 0 and getattr(model, "amortized", True)
-    cbs = [_Progress(total, config.progress)] + list(callbacks or [])
+    cbs = ([_Progress(total, config.progress)] if config.progress is not False else []) + list(callbacks or [])
     if ckpt_path:
         every = config.checkpoint_every or max(1, 100 // steps_per_epoch)
         cbs.append(ModelCheckpoint(dirpath=out_dir, filename=CHECKPOINT[: -len(".ckpt")], save_top_k=1,
@@ -551,7 +604,8 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
         for m, _ in sparse_flags:
             m.sparse = True
         try:
-            trainer.fit(module, ckpt_path=ckpt_path if resume else None, weights_only=True)
+            with flushed_denormals(FLUSH_DENORMALS):
+                trainer.fit(module, ckpt_path=ckpt_path if resume else None, weights_only=True)
         finally:
             for m, flag in sparse_flags:
                 m.sparse = flag

@@ -12,6 +12,7 @@ from typing import Any, Sequence, TypeVar
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroParam
 from torch import nn
 from torch.distributions import constraints, transform_to
@@ -61,6 +62,33 @@ def mlp(sizes: Sequence[int], activation: str = "relu", final_activation: bool =
         if i < len(sizes) - 2 or final_activation:
             layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
+
+
+class BernoulliLogits(dist.Bernoulli):
+    """``Bernoulli(logits=...)`` with a faster ``log_prob`` when the logits carry more
+    dimensions than the observation (vectorized particles: logits (K, B, D), x (B, D)).
+
+    For x in {0, 1}, log p(x | l) = log sigmoid((2x - 1) l): one product and one
+    ``logsigmoid`` over the logits, each exact (sigmoid's argument carries the sign,
+    so nothing cancels). torch's ``binary_cross_entropy_with_logits`` broadcasts the
+    observation to the logits' shape and makes several passes: about twice the time
+    on the 53 x 100 x 784 logits of an importance-sampled evaluation chunk (measured
+    26 against 13 ms, one thread). Without such a broadcast (one particle) torch's
+    kernel is as fast and the binary check would cost more than it saves, so
+    ``dist.Bernoulli``'s formula is used; likewise for values outside {0, 1} (outside
+    the support, refused when validation is on), which get x l - softplus(l).
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        logits = self.logits
+        if logits.numel() <= value.numel():
+            return super().log_prob(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        if not bool(torch.all((value == 0) | (value == 1))):  # a pass over the (small) observation
+            return value * logits - F.softplus(logits)
+        lp = F.logsigmoid(logits * (2.0 * value - 1.0))  # (..., D)
+        return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
 
 
 def data_plate(n_data: int, x: torch.Tensor, idx: torch.Tensor | None):

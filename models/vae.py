@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
 
-from models.common import ACTIVATIONS, ConfigError, PerDatapointNormal, data_plate, mlp
+from models.common import ACTIVATIONS, BernoulliLogits, ConfigError, PerDatapointNormal, data_plate, mlp
 
 GUIDES = ("amortized", "per-datapoint")
 MIN_SCALE = 1e-4  # floor of the encoder's scale (a variance floor of 1e-8, as in the CS236 code)
@@ -172,7 +172,7 @@ class VAE(PyroModule):
         with data_plate(self.n_data, x, idx):
             z = pyro.sample("z", self.prior())  # (..., B, k)
             logits = self.decoder(z)  # (..., B, D)
-            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)  # (B, D)
+            pyro.sample("x", BernoulliLogits(logits=logits).to_event(1), obs=x)  # (B, D)
 
     def guide(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
         with data_plate(self.n_data, x, idx):
