@@ -225,12 +225,17 @@ class SemiAmortizedGuide(LocalGuide):
     ``differentiable=False``: the first-order variant; the steps are taken on detached
     parameters and the refinement's Jacobian d lambda_S / d lambda_0 is taken as the
     identity (lambda_0 + stop_gradient(lambda_S - lambda_0)): the encoder gets the
-    gradient at lambda_S, no second derivatives. ``max_grad_norm`` clips each row's
-    gradient (over loc and log scale) before the step.
+    gradient at lambda_S, no second derivatives.
+
+    ``max_step`` bounds each row's step in the Fisher metric of q, sqrt(sum dloc^2 /
+    scale^2 + 2 sum dlog_scale^2) (so KL between successive q's stays below about
+    max_step^2 / 2 nats); longer steps are shortened to it. The inner gradients come from
+    a few draws and are noisy: without the bound, a large draw early in training can
+    throw a scale to 0 or infinity (seen on MNIST with an untrained decoder).
     """
 
     def __init__(self, model, steps: int = 5, step_size: float = 0.1, n_particles: int = 1,
-                 differentiable: bool = True, natural: bool = True, max_grad_norm: float | None = None):
+                 differentiable: bool = True, natural: bool = True, max_step: float | None = 1.0):
         super().__init__(model, subsample=True)
         if int(steps) != steps or steps < 0:
             raise UsageError(f"semi-amortized steps must be an integer >= 0, got {steps}")
@@ -238,10 +243,10 @@ class SemiAmortizedGuide(LocalGuide):
             raise UsageError(f"semi-amortized step size must be a positive number, got {step_size}")
         if int(n_particles) != n_particles or n_particles < 1:
             raise UsageError(f"semi-amortized n_particles must be an integer >= 1, got {n_particles}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise UsageError(f"semi-amortized max_grad_norm must be positive, got {max_grad_norm}")
+        if max_step is not None and not (max_step > 0 and math.isfinite(max_step)):
+            raise UsageError(f"semi-amortized max_step must be a positive number, got {max_step}")
         self.steps, self.step_size, self.n_particles = int(steps), float(step_size), int(n_particles)
-        self.differentiable, self.natural, self.max_grad_norm = bool(differentiable), bool(natural), max_grad_norm
+        self.differentiable, self.natural, self.max_step = bool(differentiable), bool(natural), max_step
 
     @property
     def amortized(self) -> bool:
@@ -267,11 +272,12 @@ class SemiAmortizedGuide(LocalGuide):
                 grads = torch.autograd.grad(elbo, lam, create_graph=through)
                 if self.natural:  # the inverse Fisher of N(loc, diag e^{2 log scale}) in (loc, log scale)
                     grads = [grads[0] * (2 * lam[1]).exp(), grads[1] / 2]
-                if self.max_grad_norm is not None:
-                    norm = torch.sqrt(grads[0].pow(2).sum(-1, keepdim=True) + grads[1].pow(2).sum(-1, keepdim=True))
-                    coef = (self.max_grad_norm / (norm + 1e-12)).clamp(max=1.0)  # (B, 1)
-                    grads = [g * coef for g in grads]
-                lam = [p + self.step_size * g for p, g in zip(lam, grads)]
+                step = [self.step_size * g for g in grads]
+                if self.max_step is not None:  # the step's length in the Fisher metric of q, per row
+                    length = torch.sqrt((step[0].pow(2) * (-2 * lam[1]).exp()).sum(-1, keepdim=True)
+                                        + 2 * step[1].pow(2).sum(-1, keepdim=True))  # (B, 1)
+                    step = [d * (self.max_step / (length + 1e-12)).clamp(max=1.0) for d in step]
+                lam = [p + d for p, d in zip(lam, step)]
                 if not through:
                     lam = [t.detach().requires_grad_() for t in lam]
         if through:

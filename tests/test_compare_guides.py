@@ -95,7 +95,7 @@ def test_default_run_on_digits(tmp_path):
         for r in m["models"][fam]["guides"].values():
             for split in ("train", "test"):
                 for k in ("inference_gap", "approximation_gap", "amortization_gap"):
-                    assert r[split][k]["mean"] > -3 * r[split][k]["se"], (fam, split, k)
+                    assert r[split][k]["mean"] >= -3 * r[split][k]["se"], (fam, split, k)
         g = m["models"][fam]["guides"]
         a, t = g["amortized"]["test"]["amortization_gap"], g["amortized"]["test"]
         assert a["mean"] > 3 * a["se"]  # q* improves on the encoder's test ELBO

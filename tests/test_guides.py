@@ -278,3 +278,18 @@ def test_semi_amortized_gradient_goes_through_the_steps():
     by_hand = torch.autograd.grad([q0.base_dist.loc, q0.base_dist.scale.log()], weight, grad_outputs=list(g_s))[0]
     torch.testing.assert_close(grad_first, by_hand, rtol=1e-9, atol=1e-12)
     assert float((grad_first - grad).norm()) > 0.05 * float(grad.norm())  # the second-order terms matter here
+
+
+def test_semi_amortized_steps_stay_in_the_trust_region():
+    """A huge step size: every row's step is cut to length max_step in the Fisher metric of q
+    (float64 round-off), and the refined scales stay finite and positive."""
+    m, x = ppca_problem(n=40)
+    q0 = m.guide_dist(x)
+    sa = SemiAmortizedGuide(m, steps=1, step_size=100.0, n_particles=2, natural=False, max_step=0.7)
+    with torch.no_grad():
+        q1 = sa.guide_dist(x)
+    d_loc = q1.base_dist.loc - q0.base_dist.loc
+    d_log_scale = q1.base_dist.scale.log() - q0.base_dist.scale.log()
+    length = torch.sqrt((d_loc**2 / q0.base_dist.scale**2).sum(-1) + 2 * (d_log_scale**2).sum(-1))
+    torch.testing.assert_close(length, torch.full_like(length, 0.7), rtol=0, atol=1e-9)
+    assert bool(torch.isfinite(q1.base_dist.scale).all() and (q1.base_dist.scale > 0).all())
