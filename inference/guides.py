@@ -213,9 +213,9 @@ class SemiAmortizedGuide(LocalGuide):
     (:func:`local_elbo`); "z" is then drawn from N(loc_S, diag scale_S^2). With
     ``natural`` (the default) the gradient is preconditioned by the inverse Fisher
     information of q in these coordinates, diag(scale^2, 1/2): a natural-gradient step,
-    which makes the step size free of the posterior's scale (for a Gaussian posterior a
-    step of 1 lands on its mean from any start; plain steps diverge once step_size
-    exceeds 2 / the posterior precision, e.g. PPCA on the digits). The
+    which makes the step size free of the posterior's scale (for a Gaussian posterior,
+    once q's variance matches it, a step of 1 is Newton's step; plain steps diverge once
+    step_size exceeds 2 / the posterior precision, e.g. PPCA on the digits). The
     refinement runs inside ``guide_dist`` (with gradients on even under ``no_grad``),
     so the training driver's step is unchanged.
 
@@ -231,7 +231,8 @@ class SemiAmortizedGuide(LocalGuide):
     scale^2 + 2 sum dlog_scale^2) (so KL between successive q's stays below about
     max_step^2 / 2 nats); longer steps are shortened to it. The inner gradients come from
     a few draws and are noisy: without the bound, a large draw early in training can
-    throw a scale to 0 or infinity (seen on MNIST with an untrained decoder).
+    throw a scale to 0 or infinity (seen on MNIST with an untrained decoder, and on PPCA
+    with large steps).
     """
 
     def __init__(self, model, steps: int = 5, step_size: float = 0.1, n_particles: int = 1,
@@ -274,8 +275,8 @@ class SemiAmortizedGuide(LocalGuide):
                     grads = [grads[0] * (2 * lam[1]).exp(), grads[1] / 2]
                 step = [self.step_size * g for g in grads]
                 if self.max_step is not None:  # the step's length in the Fisher metric of q, per row
-                    length = torch.sqrt((step[0].pow(2) * (-2 * lam[1]).exp()).sum(-1, keepdim=True)
-                                        + 2 * step[1].pow(2).sum(-1, keepdim=True))  # (B, 1)
+                    length = ((step[0].pow(2) * (-2 * lam[1]).exp()).sum(-1, keepdim=True)
+                              + 2 * step[1].pow(2).sum(-1, keepdim=True)).clamp_min(1e-24).sqrt()  # (B, 1)
                     step = [d * (self.max_step / (length + 1e-12)).clamp(max=1.0) for d in step]
                 lam = [p + d for p, d in zip(lam, step)]
                 if not through:

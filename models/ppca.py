@@ -306,7 +306,8 @@ def gaussian_moments(q: torch.distributions.Distribution) -> tuple[torch.Tensor,
     ``Normal(...).to_event(1)`` or a ``MultivariateNormal``, float64."""
     if isinstance(q, torch.distributions.Independent):  # diagonal Normal
         return q.base_dist.loc.double(), torch.diag_embed(q.base_dist.scale.double() ** 2)
-    return q.loc.double(), q.covariance_matrix.double()
+    L = q.scale_tril.double()  # L L^T in float64: a float32 product can lose positive-definiteness
+    return q.loc.double(), L @ L.transpose(-1, -2)
 
 
 def best_mean_field(cov: torch.Tensor) -> torch.Tensor:

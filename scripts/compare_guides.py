@@ -29,8 +29,7 @@ datapoint.
 
 from __future__ import annotations
 
-import math
-import os
+import argparse
 import sys
 import time
 
@@ -87,7 +86,8 @@ def build_parser():
     t.add_argument("--lr-final", type=_cli.positive_float, default=None,
                    help="decay the rate exponentially to this (default: 1e-3 for ppca, none for the VAEs)")
     t.add_argument("--threads", type=_cli.positive_int, default=None, help="torch CPU threads")
-    t.add_argument("--progress", action="store_true", help="progress bars while training")
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars while training (default: when stderr is a terminal)")
     s = p.add_argument_group("semi-amortized guide")
     s.add_argument("--semi-steps", type=_cli.positive_int, default=5, help="refinement steps S per mini-batch")
     s.add_argument("--semi-step-size", type=_cli.positive_float, default=0.1,
@@ -99,7 +99,7 @@ def build_parser():
                    help="no differentiation through the steps (their Jacobian taken as the identity)")
     lo = p.add_argument_group("local optimization q* (Cremer et al.: rate 1e-3, decay 1, 50 draws, window 100, "
                               "patience 10)")
-    lo.add_argument("--local-lr", type=_cli.positive_float, default=0.03, help="Adam rate (initial, per row)")
+    lo.add_argument("--local-lr", type=_cli.positive_float, default=0.1, help="Adam rate (initial, per row)")
     lo.add_argument("--local-decay", type=_cli.positive_float, default=0.5,
                     help="a row's rate is multiplied by this after each window without improvement (1: constant)")
     lo.add_argument("--local-particles", type=_cli.positive_int, default=10, help="draws per row and step")
@@ -137,7 +137,7 @@ def family_settings(args, family: str) -> tuple[dict, TrainConfig]:
         lr=args.lr if args.lr is not None else d["lr"],
         lr_final=args.lr_final if args.lr_final is not None else (d["lr_final"] if args.lr is None else None),
         batch_size=args.batch_size, epochs=None if args.steps else epochs, steps=args.steps, seed=args.seed,
-        threads=args.threads, progress=bool(args.progress))
+        threads=args.threads, progress=args.progress)
     return values, train
 
 
