@@ -352,7 +352,8 @@ class RowAdam:
             p.sub_(lr * (m / c1) / ((v / c2).sqrt() + self.eps))
 
 
-def optimize_local(model, x: torch.Tensor, rows: torch.Tensor | None = None, *, init: str = "guide",
+def optimize_local(model, x: torch.Tensor, rows: torch.Tensor | None = None, *,
+                   init: str | PerDatapointGuide = "guide",
                    full: bool | None = None, n_particles: int = 50, lr: float = 1e-3, decay: float = 1.0,
                    window: int = 100, patience: int = 10, max_steps: int = 20_000, seed: int = 0,
                    max_elements: int = MAX_ELEMENTS) -> LocalFit:
@@ -381,11 +382,16 @@ def optimize_local(model, x: torch.Tensor, rows: torch.Tensor | None = None, *, 
 
     ``init``: "guide" starts each row at the model's own q(z|x_i) (``rows``: x's
     training-row indices where the guide needs them); "standard" at N(0, I), as Cremer
-    et al. ``full``: the family (default: the guide's own for "guide", diagonal for
-    "standard"). The caller's random-number stream is left as it was.
+    et al.; a :class:`PerDatapointGuide` over the rows of x (e.g. ``materialize``'s) at
+    its rows (a copy: it is left as it was). ``full``: the family (default: the guide's
+    own for "guide" and a table, diagonal for "standard"). The caller's random-number
+    stream is left as it was.
     """
-    if init not in ("guide", "standard"):
-        raise UsageError(f"local optimization init must be 'guide' or 'standard', got {init!r}")
+    start = init if isinstance(init, PerDatapointGuide) else None
+    if start is None and init not in ("guide", "standard"):
+        raise UsageError(f"local optimization init must be 'guide', 'standard' or a table, got {init!r}")
+    if start is not None and start.n_rows != int(x.shape[0]):
+        raise ValueError(f"the starting table has {start.n_rows} rows; x has {x.shape[0]}")
     for name, v in (("n_particles", n_particles), ("window", window), ("patience", patience),
                     ("max_steps", max_steps)):
         if int(v) != v or v < (0 if name == "patience" else 1):
@@ -397,12 +403,15 @@ def optimize_local(model, x: torch.Tensor, rows: torch.Tensor | None = None, *, 
     n = int(x.shape[0])
     if n == 0:
         raise UsageError("local optimization needs at least one row")
-    settings = {"init": init, "lr": lr, "decay": decay, "n_particles": int(n_particles),
+    settings = {"init": "table" if start is not None else init, "lr": lr, "decay": decay, "n_particles": int(n_particles),
                 "window": int(window), "patience": int(patience), "max_steps": int(max_steps)}
     t0 = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        if init == "guide":
+        if start is not None:
+            q_star = PerDatapointGuide(model, full=start.full, n_rows=n, subsample=False)
+            q_star.table.load_state_dict(start.table.state_dict())  # a copy of its rows
+        elif init == "guide":
             q_star = materialize(model, x, rows, full)
         else:
             q_star = PerDatapointGuide(model, full=bool(full), n_rows=n, subsample=False)

@@ -217,9 +217,9 @@ def study_guide(family: str, guide: str, values: dict, train: TrainConfig, data,
             with torch.no_grad():
                 model.guide_dist(x, rows)  # what inferring these rows costs: one pass of the guide
             infer_seconds = time.perf_counter() - t0
-            q = materialize(model, x, rows)
+            q = materialize(model, x, rows)  # the guide's q for these rows, fixed (a refinement is random)
             full = q.full
-            local = optimize_local(model, x, rows, init="guide", seed=seed, **local_kw)
+            local = optimize_local(model, x, init=q, seed=seed, **local_kw)  # q* starts from that q
             how = "guide"
         else:  # the guide cannot infer new rows: inferring them is the local optimization
             local = optimize_local(model, x, init="standard", full=full, seed=seed, **local_kw)
