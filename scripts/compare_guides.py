@@ -17,7 +17,8 @@ guide's q for those rows (an encoder pass; a refinement; the table; for a per-da
 guide on test rows, which it cannot infer, the local optimization itself), and q*, a
 Gaussian of the same family per row optimized until its running loss stops improving
 (inference.guides.optimize_local; Cremer et al.'s settings are --local-lr 1e-3
---local-particles 50 --local-window 100 --local-patience 10; the defaults are faster).
+--local-decay 1 --local-particles 50 --local-window 100 --local-patience 10; the
+defaults are faster).
 The table reports the ELBO L[q], the IWAE bound with K = --n-samples, log p(x) (exact
 for PPCA; for the VAEs the larger of the K-sample importance estimates with q and with
 q* as proposal), and the inference, approximation and amortization gaps, each a mean
