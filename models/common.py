@@ -170,7 +170,10 @@ class PerDatapointMultivariateNormal(PyroModule):
 
     def dist(self, x: torch.Tensor, idx: torch.Tensor | None) -> dist.Distribution:
         idx = training_rows(self.n_data, x, idx)
-        return dist.MultivariateNormal(self.loc[idx], scale_tril=self.scale_tril[idx])  # (B,) x (latent_dim,)
+        # only the batch's rows are read and transformed (not the whole n_data x k x k table)
+        loc = self.loc_unconstrained[idx]  # (B, latent_dim); constraint real: stored as is
+        scale_tril = transform_to(constraints.lower_cholesky)(self.scale_tril_unconstrained[idx])  # (B, k, k)
+        return dist.MultivariateNormal(loc, scale_tril=scale_tril)  # (B,) x (latent_dim,)
 
     @torch.no_grad()
     def initialize(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> None:

@@ -34,7 +34,7 @@ Per-datapoint guides:
   like ``amortized-full`` its family holds the exact posterior of every row.
 
 Closed forms (float64, module-level so they work on any W, loc, noise_scale):
-``mle``, ``log_marginal``, ``posterior``, ``gaussian_elbo``, ``kl_gaussians``,
+``mle``, ``log_marginal``, ``posterior``, ``gaussian_elbo``, ``gaussian_moments``, ``kl_gaussians``,
 ``best_mean_field``, ``principal_angles``, ``em``.
 """
 
@@ -148,7 +148,7 @@ class PPCA(PyroModule):
     def params64(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W, loc, noise_scale) detached, float64."""
         with torch.no_grad():
-            return self.W.double(), self.loc.double(), self.noise_scale.double()
+            return self.W.detach().double(), self.loc.detach().double(), self.noise_scale.detach().double()
 
     @torch.no_grad()
     def set_parameters(self, W: torch.Tensor, loc: torch.Tensor, noise_scale) -> None:
@@ -196,14 +196,17 @@ class PPCA(PyroModule):
         """The guide's q(z_i) = N(loc_i, cov_i): loc (B, k) and cov (B, k, k) or one
         shared (k, k), float64."""
         with torch.no_grad():
-            q = self.guide_dist(x, idx)
-            if isinstance(q, torch.distributions.Independent):  # diagonal Normal
-                return q.base_dist.loc.double(), torch.diag_embed(q.base_dist.scale.double() ** 2)
-            return q.loc.double(), q.covariance_matrix.double()
+            return gaussian_moments(self.guide_dist(x, idx))
 
     def exact_elbo(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """The ELBO of each row under the current guide, in closed form (B,), float64."""
         return gaussian_elbo(x, *self.params64(), *self.guide_moments(x, idx))
+
+    def exact_elbo_of(self, x: torch.Tensor, q: dist.Distribution) -> torch.Tensor:
+        """The ELBO of each row under any Gaussian q(z_i) (batch (B,), event (k,), e.g.
+        another guide's), in closed form at the current parameters (B,), float64."""
+        with torch.no_grad():
+            return gaussian_elbo(x, *self.params64(), *gaussian_moments(q))
 
     def exact_kl(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """KL(q(z_i) || p(z_i | x_i)) of each row under the current guide (B,), float64."""
@@ -302,6 +305,15 @@ def gaussian_elbo(x: torch.Tensor, W: torch.Tensor, loc: torch.Tensor, noise_sca
         (q_loc**2).sum(-1) + torch.diagonal(q_cov, dim1=-2, dim2=-1).sum(-1))
     entropy = 0.5 * k * math.log(2 * math.pi * math.e) + 0.5 * torch.logdet(q_cov)
     return expected_loglik + expected_logprior + entropy
+
+
+def gaussian_moments(q: torch.distributions.Distribution) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loc (B, k), cov (B, k, k) or one shared (k, k)) of a Gaussian q(z): a diagonal
+    ``Normal(...).to_event(1)`` or a ``MultivariateNormal``, float64."""
+    if isinstance(q, torch.distributions.Independent):  # diagonal Normal
+        return q.base_dist.loc.double(), torch.diag_embed(q.base_dist.scale.double() ** 2)
+    L = q.scale_tril.double()  # L L^T in float64: a float32 product can lose positive-definiteness
+    return q.loc.double(), L @ L.transpose(-1, -2)
 
 
 def best_mean_field(cov: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,90 @@
+"""The inference-gap decomposition of Cremer, Li & Duvenaud (2018), per datapoint:
+
+    inference gap      log p(x) - L[q]      how far the guide's ELBO is from the likelihood
+    approximation gap  log p(x) - L[q*]     what the best member q* of the family cannot close
+    amortization gap   L[q*] - L[q]         what the guide loses against the best member
+
+so inference gap = approximation gap + amortization gap, row by row. q is the guide
+under study (an encoder, a refined encoder, a trained table) and q* the per-row optimum
+of the same family for the same fixed model (:func:`inference.guides.optimize_local`).
+
+Every quantity is a mean over rows with its standard error. The gaps are means of
+per-row differences (paired: the same rows, and the same random numbers for q and q*),
+so their standard errors are those of the differences, much smaller than those of
+the bounds they subtract.
+
+log p(x): exact where the model has ``exact_log_likelihood`` (PPCA), and then the
+ELBOs too are exact (``exact_elbo``). Otherwise each bound is estimated from
+``n_samples`` importance samples per row: L[q] as the mean of the log weights,
+IWAE_K[q] as their log-mean-exp, and log p(x_i) as the larger of the two K-sample
+IWAE estimates, with q and with q* as proposal. Each IWAE estimate is a lower bound
+of log p(x_i) in expectation; the larger of two is at least as tight, and exceeds
+log p(x_i) only by Monte Carlo error (which the standard error over rows includes).
+Since IWAE_K[q] >= L[q] draw by draw (Jensen), the inference and approximation gaps
+so measured are never negative.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from inference.evaluate import Estimate, importance_estimates
+
+QUANTITIES = ("log_likelihood", "elbo", "iwae", "elbo_star", "iwae_star",
+              "inference_gap", "approximation_gap", "amortization_gap")
+
+
+def _exact(model, name: str):
+    try:
+        return getattr(model, name)
+    except AttributeError:
+        return None
+
+
+def bounds(model, x: torch.Tensor, rows: torch.Tensor | None, n_samples: int, seed: int = 0) -> dict:
+    """Per-row bounds of one guide, float64 (N,) each: ``elbo`` (exact where the model
+    has ``exact_elbo``, else the mean of ``n_samples`` log weights), ``iwae`` (the
+    ``n_samples``-sample IWAE bound, the log-mean-exp of the same weights)."""
+    est = importance_estimates(model, x, n_samples, rows, seed=seed)
+    out = {"elbo": est["elbo"].values, "iwae": est["log_likelihood"].values, "exact": False}
+    exact_elbo = _exact(model, "exact_elbo")
+    if exact_elbo is not None:
+        with torch.no_grad():
+            out["elbo"] = exact_elbo(x, rows).double()
+        out["exact"] = True
+    return out
+
+
+def decompose(guide, local, x: torch.Tensor, n_samples: int, rows: torch.Tensor | None = None,
+              seed: int = 0) -> dict:
+    """The decomposition on the rows of x (N, D): ``guide`` is the q under study (a model
+    whose guide covers x, ``rows`` its indices where it needs them) and ``local`` the q*
+    model (e.g. ``optimize_local(...).model``: its rows are x's, in order). Both share the
+    fixed generative model. Returns {quantity: Estimate} for ``QUANTITIES`` and
+    ``exact`` (bool), ``n_samples``, ``proposal_star_share`` (rows whose log p(x)
+    estimate came from q*; None when exact)."""
+    n = int(x.shape[0])
+    if rows is None and not getattr(guide, "amortized", True):
+        rows = torch.arange(n)  # a table over the rows of x
+    a = bounds(guide, x, rows, n_samples, seed)
+    s = bounds(local, x, torch.arange(n), n_samples, seed)  # the same seed: common random numbers
+    exact_ll = _exact(guide, "exact_log_likelihood")
+    share = None
+    if exact_ll is not None:
+        with torch.no_grad():
+            log_px = exact_ll(x).double()
+    else:
+        log_px = torch.maximum(a["iwae"], s["iwae"])
+        share = float((s["iwae"] > a["iwae"]).double().mean())
+    values = {"log_likelihood": log_px, "elbo": a["elbo"], "iwae": a["iwae"], "elbo_star": s["elbo"],
+              "iwae_star": s["iwae"], "inference_gap": log_px - a["elbo"],
+              "approximation_gap": log_px - s["elbo"], "amortization_gap": s["elbo"] - a["elbo"]}
+    out: dict = {k: Estimate.of(v) for k, v in values.items()}
+    out.update({"exact": exact_ll is not None and a["exact"] and s["exact"], "n_samples": int(n_samples),
+                "proposal_star_share": share})
+    return out
+
+
+def to_dict(result: dict) -> dict:
+    """``decompose``'s result for JSON: each Estimate as {mean, se, n}."""
+    return {k: v.to_dict() if isinstance(v, Estimate) else v for k, v in result.items()}
