@@ -559,8 +559,9 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if resume and (ckpt_path is None or not os.path.isfile(ckpt_path)):
         raise UsageError(f"--resume: no checkpoint in {out_dir}")
+    done_steps = 0
     if resume:
-        check_checkpoint(ckpt_path, model)
+        done_steps = int(check_checkpoint(ckpt_path, model).get("global_step") or 0)
 
     # tables that can look up rows sparsely (nn.Embedding's ``sparse`` flag) do so while training:
     # their gradients then name the rows a step touched (see SVIModule.setup)
@@ -568,6 +569,9 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
     module = _make_module(model, data, config, objective)
     steps_per_epoch = math.ceil(math.ceil(data.n_train / (config.devices * config.num_nodes)) / config.batch_size)
     total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
+    # a resumed run already past the budget asked for now is finished (Lightning would refuse
+    # a checkpoint whose epoch exceeds max_epochs): its epochs count as the budget
+    max_epochs = max(config.epochs, math.ceil(done_steps / steps_per_epoch)) if config.steps is None else -1
     validate = len(data.val) > 0 and getattr(model, "amortized", True)
     cbs = ([_Progress(total, config.progress)] if config.progress is not False else []) + list(callbacks or [])
     if ckpt_path:
@@ -592,7 +596,7 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
         warnings.filterwarnings("ignore", ".*LightningModule.*has parameters that were not used.*")
         warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")  # val_elbo is global
         trainer = pl.Trainer(
-            max_epochs=-1 if config.steps is not None else config.epochs,
+            max_epochs=max_epochs,
             max_steps=config.steps if config.steps is not None else -1,
             accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
             strategy=config.strategy, callbacks=cbs, logger=False, enable_progress_bar=False,

@@ -609,6 +609,15 @@ def test_resume_of_a_finished_run_changes_nothing(finished_run, tmp_path, capsys
         (run / "history.csv").read_bytes().split(b"\n")[1].split(b",")[:3]
 
 
+def test_resume_with_a_smaller_budget_than_done_trains_nothing(finished_run, tmp_path):
+    """--resume --epochs 1 on a run that has done 2 epochs: finished, nothing trained, the
+    same parameters (Lightning alone refuses a checkpoint past max_epochs)."""
+    run = copy_run(finished_run, tmp_path)
+    assert fit_script.main(["--resume", str(run), "--epochs", "1", "--no-progress"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 26
+    assert_same_params(finished_run, run, tol=0.0)
+
+
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(finished_run, tmp_path):
     """Only config.json (and a dead run's lock) on disk: --resume runs from the start and
     ends exactly where the uninterrupted run ended."""
