@@ -9,6 +9,9 @@ of its own under --out, summarized in one line on the terminal:
   vae         the VAE and the mixture-prior VAE under the ELBO and IWAE objectives,
               with amortized and per-datapoint guides; importance-sampled test
               log-likelihoods
+  gaps        amortized, semi-amortized and per-datapoint guides for PPCA, the VAE and
+              the mixture-prior VAE: the inference gap split into its approximation
+              and amortization parts (scripts/compare_guides.py)
   identities  the course notes' identities, each measured
 
 Writes --out/report.md and --out/report.html (self-contained: figures embedded) and
@@ -34,19 +37,23 @@ from scripts import fit as fit_script
 from scripts._document import Document
 
 PROG = "report.py"
-STAGES = ("ppca", "gaussian", "vae", "identities")
+STAGES = ("ppca", "gaussian", "vae", "gaps", "identities")
 
 # Training budgets per data set: the digits run is the main job (minutes on 2 cores);
 # MNIST is the same study at full size.
 BUDGETS = {
     "digits": {"ppca_steps": 600, "gaussian_steps": 600, "vae_epochs": 100, "vae_batch": 100, "n_samples": 1000,
-               "latent_dim": 4, "hidden": (128, 128), "n_components": 10, "iwae_k": 5, "nuts_samples": 300},
+               "latent_dim": 4, "hidden": (128, 128), "n_components": 10, "iwae_k": 5, "nuts_samples": 300,
+               "gaps": []},
     "mnist": {"ppca_steps": 600, "gaussian_steps": 600, "vae_epochs": 10, "vae_batch": 100, "n_samples": 1000,
-              "latent_dim": 10, "hidden": (300, 300), "n_components": 50, "iwae_k": 5, "nuts_samples": 300},
+              "latent_dim": 10, "hidden": (300, 300), "n_components": 50, "iwae_k": 5, "nuts_samples": 300,
+              # compare_guides' MNIST budget (README): 5 epochs per model and guide, 100 rows per split
+              "gaps": ["--val-fraction", "0", "--latent-dim", "10", "--hidden", "300,300", "--epochs", "5"]},
 }
 BUDGETS["fashion-mnist"] = BUDGETS["mnist"]
 # --quick: the same report from tiny budgets (a smoke test of the whole pipeline; numbers not meaningful)
-QUICK = {"ppca_steps": 60, "gaussian_steps": 60, "vae_epochs": 2, "n_samples": 50, "nuts_samples": 40}
+QUICK = {"ppca_steps": 60, "gaussian_steps": 60, "vae_epochs": 2, "n_samples": 50, "nuts_samples": 40,
+         "gaps": ["--epochs", "2", "--n-rows", "20", "--local-max-steps", "100"]}
 
 
 def build_parser():
@@ -274,7 +281,8 @@ def stage_vae(study: Study, doc: Document) -> str:
              f"components. {b['vae_epochs']} epochs, batch {b['vae_batch']}, Adam 1e-3. The test log-likelihood is "
              f"the importance-sampled estimate with K = {b['n_samples']} draws per image (a lower bound in "
              "expectation). A per-datapoint guide has no encoder: it cannot infer test images without an "
-             "optimization of its own, so its test columns are empty here.")
+             "optimization of its own, so its test columns are empty here (the inference-gap section below "
+             "measures per-datapoint q on test rows by that optimization).")
     doc.table(["model", "guide", "objective", "train ELBO", "test ELBO", "test log-likelihood",
                "rows with Pareto k > 0.7", "active units", "seconds"], rows)
     doc.para("Pareto k (PSIS, Vehtari et al.) of each test image's importance weights: above 0.7 the "
@@ -294,6 +302,63 @@ def stage_vae(study: Study, doc: Document) -> str:
             f"`vae/{name}/summary.md`, `vae/{name}/diagnostics.nc`.")
     study.summary["stages"]["vae"] = {"best": best}
     return f"{len(rows)} fits; best test log-likelihood {best[1]:.2f} ({best[0]})" if best else f"{len(rows)} fits"
+
+def stage_gaps(study: Study, doc: Document) -> str:
+    import contextlib
+    import io
+    import json
+
+    from scripts import compare_guides
+
+    a, out = study.args, os.path.join(study.out, "gaps")
+    argv = ["--dataset", a.dataset, "--out", out, "--overwrite", "--seed", str(study.seed),
+            "--n-samples", str(study.budget["n_samples"]), *study.budget["gaps"]]
+    if a.data_dir is not None:
+        argv += ["--data-dir", a.data_dir]
+    if a.threads is not None:
+        argv += ["--threads", str(a.threads)]
+    if a.progress is not None:
+        argv.append("--progress" if a.progress else "--no-progress")
+    log = io.StringIO()  # its tables go to the report, not to the terminal
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        status = compare_guides.main(argv)
+    if status != 0:
+        raise RuntimeError(f"compare_guides.py failed: {log.getvalue().strip().splitlines()[-1:]}")
+    with atomic_write(os.path.join(out, "log.txt")) as f:
+        f.write(log.getvalue())
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    rows, amortization = [], {}
+    for family, res in metrics["models"].items():
+        for guide, r in res["guides"].items():
+            t = r.get("test")
+            if t is None:
+                continue
+            note = (f" (exact {t['approximation_gap_closed_form']:.3f})"
+                    if "approximation_gap_closed_form" in t else "")
+            infer = f"{t['inference_seconds_per_row']:.1e}" + ("" if t["inference"] == "guide" else " (optimization)")
+            rows.append([family, guide, _pm(t["elbo"], 3), _pm(t["inference_gap"], 3),
+                         _pm(t["approximation_gap"], 3) + note, _pm(t["amortization_gap"], 3),
+                         f"{r['training']['seconds']:.1f}", infer])
+            if guide == "amortized":
+                amortization[family] = t["amortization_gap"]["mean"]
+    doc.heading("Amortized against per-datapoint guides: the inference gap")
+    doc.para("One model per guide, trained with that guide; then on test rows, with the model fixed, the "
+             "guide's q and q*, the best Gaussian of the same family for each row (a per-row optimization). "
+             "inference gap = log p(x) - L[q] = approximation gap (log p(x) - L[q*], the family's limit) + "
+             "amortization gap (L[q*] - L[q], what the encoder gives away by sharing one network across rows; "
+             "Cremer, Li & Duvenaud 2018). PPCA's log p(x) and ELBOs are exact; for the VAEs log p(x) is the "
+             f"larger K = {metrics['n_samples']} importance estimate (with q or with q* as proposal). A "
+             "per-datapoint guide has no encoder: on a test row its q is that optimization itself, so its "
+             "amortization gap is 0 by construction and its cost is the optimization's. "
+             f"{metrics['n_rows']} test rows per model; full tables in [gaps/compare.md](gaps/compare.md).")
+    doc.table(["model", "guide", "test ELBO", "inference gap", "approximation gap", "amortization gap",
+               "training (s)", "inferring a test row (s)"], rows)
+    doc.figure("gaps/gaps.png", "the inference gap of each guide, split into approximation (family) and "
+                                "amortization (encoder) parts, on training and test rows")
+    study.summary["stages"]["gaps"] = {"amortization_gap": amortization}
+    return f"{len(rows)} guides; amortization gap of the encoders: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in amortization.items())
 
 
 def stage_identities(study: Study, doc: Document) -> str:
@@ -335,7 +400,8 @@ def stage_identities(study: Study, doc: Document) -> str:
             f"{', '.join(metrics['data_checks_failed']) or 'none'}")
 
 
-STAGE_FUNCTIONS = {"ppca": stage_ppca, "gaussian": stage_gaussian, "vae": stage_vae, "identities": stage_identities}
+STAGE_FUNCTIONS = {"ppca": stage_ppca, "gaussian": stage_gaussian, "vae": stage_vae, "gaps": stage_gaps,
+                   "identities": stage_identities}
 
 
 def write_report(doc: Document, out: str) -> tuple[str, str]:
