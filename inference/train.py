@@ -413,7 +413,7 @@ class _Progress:
                 if trainer.global_rank == 0:
                     self.bar = tqdm(total=total, initial=trainer.global_step, desc="fit", unit="step",
                                     disable=None if enabled is None else not enabled, dynamic_ncols=True,
-                                    mininterval=0.5)
+                                    mininterval=0.5, leave=None)  # left on screen unless below another bar
 
             def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
                 if self.bar is not None and trainer.global_step % self.every == 0:

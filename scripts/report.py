@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from inference.errors import UsageError
 from inference.files import atomic_write, save_json
@@ -42,10 +43,10 @@ STAGES = ("ppca", "gaussian", "vae", "gaps", "identities")
 # Training budgets per data set: the digits run is the main job (minutes on 2 cores);
 # MNIST is the same study at full size.
 BUDGETS = {
-    "digits": {"ppca_steps": 600, "gaussian_steps": 600, "vae_epochs": 100, "vae_batch": 100, "n_samples": 1000,
+    "digits": {"ppca_steps": 600, "gaussian_steps": 1500, "vae_epochs": 100, "vae_batch": 100, "n_samples": 1000,
                "latent_dim": 4, "hidden": (128, 128), "n_components": 10, "iwae_k": 5, "nuts_samples": 300,
                "gaps": []},
-    "mnist": {"ppca_steps": 600, "gaussian_steps": 600, "vae_epochs": 10, "vae_batch": 100, "n_samples": 1000,
+    "mnist": {"ppca_steps": 600, "gaussian_steps": 1500, "vae_epochs": 10, "vae_batch": 100, "n_samples": 1000,
               "latent_dim": 10, "hidden": (300, 300), "n_components": 50, "iwae_k": 5, "nuts_samples": 300,
               # compare_guides' MNIST budget (README): 5 epochs per model and guide, 100 rows per split
               "gaps": ["--val-fraction", "0", "--latent-dim", "10", "--hidden", "300,300", "--epochs", "5"]},
@@ -83,6 +84,11 @@ class Study:
         self.args, self.out, self.seed = args, args.out, args.seed
         self.budget = {**BUDGETS[args.dataset], **(QUICK if args.quick else {})}
         self.summary: dict = {"dataset": args.dataset, "seed": args.seed, "stages": {}}
+        self.bar = None  # the running stage's progress bar (its unit: one run of a program)
+
+    def tick(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
 
     def data(self, binarize: str, path: str | None = None) -> dict:
         return {"dataset": self.args.dataset, "data_dir": self.args.data_dir, "data_path": path,
@@ -94,7 +100,9 @@ class Study:
                 "train": {**fit_script.TrainConfig(seed=self.seed, progress=self.args.progress,
                                                    threads=self.args.threads).to_dict(), **train},
                 "data": data, "eval": {"eval_particles": 10, "n_samples": self.budget["n_samples"], **eval_kw}}
-        return fit_script.run(spec, os.path.join(self.out, name), overwrite=True, resume=False)
+        metrics = fit_script.run(spec, os.path.join(self.out, name), overwrite=True, resume=False)
+        self.tick()
+        return metrics
 
 
 def diagnose(study: "Study", name: str, *flags: str) -> dict:
@@ -108,9 +116,16 @@ def diagnose(study: "Study", name: str, *flags: str) -> dict:
         argv += ["--threads", str(study.args.threads)]
     if study.args.quick:  # later flags win: few rows and draws
         argv += ["--max-rows", "40", "--draws", "20"]
-    if diagnose_script.main(argv) != 0:
-        raise RuntimeError(f"diagnose.py failed on {run_dir}")
+    import contextlib
+    import io
     import json
+
+    log = io.StringIO()  # its one-line summary: the report has it
+    with contextlib.redirect_stdout(log):
+        status = diagnose_script.main(argv)
+    if status != 0:
+        raise RuntimeError(f"diagnose.py failed on {run_dir}")
+    study.tick()
 
     with open(os.path.join(run_dir, "diagnostics.json")) as f:
         return json.load(f)
@@ -206,16 +221,17 @@ def stage_gaussian(study: Study, doc: Document) -> str:
     rows, res = [], {}
     for guide in ("mean-field", "full-rank", "structured"):
         res[guide] = m = study.fit(f"gaussian/{guide}", "gaussian", {"guide": guide},
-                                   {"steps": study.budget["gaussian_steps"], "lr": 0.05, "lr_final": 1e-4,
+                                   {"steps": study.budget["gaussian_steps"], "lr": 0.1, "lr_final": 1e-4,
                                     "n_particles": 16, "epochs": None, "batch_size": n_train}, data)
     exact = res["structured"]["exact_posterior"]
     rows.append(["exact (Normal-Wishart)", *(f"{v:.4f}" for v in exact["loc_mean"]),
                  *(f"{v:.4f}" for v in exact["loc_sd"]), "1", "0"])
     for guide, m in res.items():
         g = m["guide_posterior"]
-        kl = m["train_kl_to_posterior"]["total_nats"]
+        kl = m["train_kl_to_posterior"]  # total nats over the n_train rows; its se per row
         rows.append([f"SVI, {guide}", *(f"{v:.4f}" for v in g["loc_mean"]), *(f"{v:.4f}" for v in g["loc_sd"]),
-                     " / ".join(f"{v:.2f}" for v in m["guide_loc_variance_ratio"]), f"{kl:.3f}"])
+                     " / ".join(f"{v:.2f}" for v in m["guide_loc_variance_ratio"]),
+                     f"{kl['total_nats']:.3f} ± {kl['se'] * n_train:.3f}"])
     # NUTS, the exact posterior and the guide side by side: scripts.diagnose on the structured run
     nuts_samples = study.budget["nuts_samples"]
     dg = diagnose(study, "gaussian/structured", "--nuts-samples", str(nuts_samples), "--nuts-warmup",
@@ -230,12 +246,13 @@ def stage_gaussian(study: Study, doc: Document) -> str:
     nuts_s = dg["nuts"]["seconds"]
     doc.heading("The Bayesian Gaussian: variational, exact and NUTS posteriors")
     doc.para(f"Pixels {i} and {j} of the {study.args.dataset} images (grey levels, standardized; correlation "
-             f"{rho:.2f}), {d.n_train} training rows, full-batch SVI with 16 draws per step, a Normal-Wishart prior on (loc, precision). The posterior of loc is "
+             f"{rho:.2f}), {d.n_train} training rows, full-batch SVI ({study.budget['gaussian_steps']} steps, 16 draws each), a Normal-Wishart prior on (loc, precision). The posterior of loc is "
              "correlated like the data, so the mean-field guide, which cannot represent that correlation, "
              "under-estimates the variance of loc (the notes: variational inference under-estimates variance); "
              f"for a Gaussian posterior with that correlation the factor would be 1 - rho² = {1 - rho**2:.2f}. The "
              "structured guide's family holds the exact posterior; the KL column is log p(X) - ELBO, exact "
-             "evidence minus a Monte Carlo ELBO.")
+             "evidence minus a Monte Carlo ELBO (± its standard error: a small negative value is Monte Carlo "
+             "noise around 0).")
     doc.table(["posterior", "E[loc_1]", "E[loc_2]", "sd(loc_1)", "sd(loc_2)", "var(loc) guide / exact",
                "KL(q ‖ posterior), nats"], rows)
     gk = dg["guide_pareto_k"]
@@ -319,9 +336,19 @@ def stage_gaps(study: Study, doc: Document) -> str:
         argv += ["--threads", str(a.threads)]
     if a.progress is not None:
         argv.append("--progress" if a.progress else "--no-progress")
-    log = io.StringIO()  # its tables go to the report, not to the terminal
+    class Log(io.StringIO):  # its tables go to the report, not to the terminal; a tick per guide trained
+        started = 0  # it announces each guide as its training starts: the previous one is done
+
+        def write(self, text):
+            n = text.count("training ...")
+            study.tick(n - (n > 0 and not Log.started))
+            Log.started += n
+            return super().write(text)
+
+    log = Log()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         status = compare_guides.main(argv)
+    study.tick()
     if status != 0:
         raise RuntimeError(f"compare_guides.py failed: {log.getvalue().strip().splitlines()[-1:]}")
     with atomic_write(os.path.join(out, "log.txt")) as f:
@@ -372,6 +399,7 @@ def stage_identities(study: Study, doc: Document) -> str:
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     metrics = demos.run(args, out)
+    study.tick()
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     rows = [ids.Row(**r) for r in metrics["rows"]]
     save_json(metrics, os.path.join(out, "metrics.json"))
@@ -400,6 +428,8 @@ def stage_identities(study: Study, doc: Document) -> str:
             f"{', '.join(metrics['data_checks_failed']) or 'none'}")
 
 
+# runs of a program per stage (fits, diagnoses, trainings of compare_guides), for the stage's bar
+STAGE_RUNS = {"ppca": 2, "gaussian": 4, "vae": 10, "gaps": 11, "identities": 1}
 STAGE_FUNCTIONS = {"ppca": stage_ppca, "gaussian": stage_gaussian, "vae": stage_vae, "gaps": stage_gaps,
                    "identities": stage_identities}
 
@@ -437,7 +467,15 @@ def main(argv: list[str] | None = None) -> int:
     with _cli.RunDir(args.out, overwrite=args.overwrite) as run_dir:
         for name in stages:
             t0 = time.perf_counter()
-            line = STAGE_FUNCTIONS[name](study, doc)
+            # a bar per stage over its runs (each fit's own bar below it while it trains);
+            # it gives way to the stage's one-line summary
+            study.bar = tqdm(total=STAGE_RUNS[name], desc=name, unit="run", leave=False, dynamic_ncols=True,
+                             disable=None if args.progress is None else not args.progress)
+            try:
+                line = STAGE_FUNCTIONS[name](study, doc)
+            finally:
+                study.bar.close()
+                study.bar = None
             seconds = time.perf_counter() - t0
             study.summary["stages"].setdefault(name, {})["seconds"] = seconds
             print(f"[{name}] {line} ({seconds:.0f} s)", flush=True)
