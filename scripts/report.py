@@ -22,6 +22,9 @@ otherwise; ± is one standard error.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import os
 import sys
 import time
@@ -120,10 +123,6 @@ def diagnose(study: "Study", name: str, *flags: str) -> dict:
         argv += ["--threads", str(study.args.threads)]
     if study.args.quick:  # later flags win: few rows and draws
         argv += ["--max-rows", "40", "--draws", "20"]
-    import contextlib
-    import io
-    import json
-
     log = io.StringIO()  # its one-line summary: the report has it
     with contextlib.redirect_stdout(log):
         status = diagnose_script.main(argv)
@@ -279,7 +278,7 @@ def stage_gaussian(study: Study, doc: Document) -> str:
 
 def stage_vae(study: Study, doc: Document) -> str:
     b = study.budget
-    data = study.data("auto" if False else ("threshold" if study.args.dataset == "digits" else "dynamic"))
+    data = study.data("threshold" if study.args.dataset == "digits" else "dynamic")
     rows, best = [], None
     for model in ("vae", "gmvae"):
         cfg = {"latent_dim": b["latent_dim"], "hidden": list(b["hidden"]), "activation": "elu"}
@@ -327,10 +326,6 @@ def stage_vae(study: Study, doc: Document) -> str:
     return f"{len(rows)} fits; best test log-likelihood {best[1]:.2f} ({best[0]})" if best else f"{len(rows)} fits"
 
 def stage_gaps(study: Study, doc: Document) -> str:
-    import contextlib
-    import io
-    import json
-
     from scripts import compare_guides
 
     a, out = study.args, os.path.join(study.out, "gaps")
