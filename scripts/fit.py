@@ -48,7 +48,7 @@ EXAMPLES = """examples:
   python -m scripts.fit --model gaussian --data X.npy --guide structured --steps 400 --lr 0.1 --lr-final 1e-4 \\
       --n-particles 8 --out runs/bayes
   python -m scripts.fit --model vae --objective iwae --n-particles 5 --out runs/vae
-  python -m scripts.fit --model gmvae --dataset mnist --data-dir ../shared/data/mnist \
+  python -m scripts.fit --model gmvae --dataset mnist --data-dir ../shared/data/mnist \\
       --hidden 300,300 --activation elu --latent-dim 10 --n-components 500 --steps 20000 --out runs/gmvae
   python -m scripts.fit --resume runs/ppca --epochs 50
   python -m scripts.fit --model ppca --devices 2 --strategy ddp --batch-size 50 --out runs/ddp
