@@ -49,9 +49,9 @@ def guarded(prog: str) -> Callable:
 
     def deco(main: Callable[..., int | None]) -> Callable[..., int]:
         @functools.wraps(main)
-        def wrapper(argv: list[str] | None = None) -> int:
+        def wrapper(argv: list[str] | None = None, **hooks) -> int:  # hooks: for a caller in-process
             try:
-                return int(main(argv) or 0)
+                return int(main(argv, **hooks) or 0)
             except SystemExit as e:  # argparse: --help (0) or a usage error (2, its line already printed)
                 return 0 if e.code is None else e.code if isinstance(e.code, int) else EXIT_USAGE
             except (UsageError, ConfigError) as e:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -333,7 +334,8 @@ def gap_chart(results: dict, path: str, title: str) -> None:
 
 
 @_cli.guarded(PROG)
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, on_trained: Callable[[str, str], None] | None = None) -> int:
+    """``on_trained(family, guide)`` is called after each guide's study (report.py's progress bar)."""
     args = build_parser().parse_args(argv)
     if args.local_patience < 0:
         raise UsageError(f"--local-patience must be >= 0, got {args.local_patience}")
@@ -369,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             for guide in GUIDES[fam]:
                 print(f"[{fam}/{guide}] training ...", file=sys.stderr)
                 results[fam]["guides"][guide] = study_guide(fam, guide, values, train, data, splits, args)
+                if on_trained is not None:
+                    on_trained(fam, guide)
         wall = time.perf_counter() - t_start
         data_name = next(iter(datas.values())).name
         lines = [f"# Amortized, semi-amortized and per-datapoint guides on {data_name}", "",

@@ -217,7 +217,7 @@ def correlated_pixels(x: torch.Tensor) -> tuple[int, int, float]:
 
 def stage_gaussian(study: Study, doc: Document) -> str:
     full = load_dataset(study.args.dataset, data_dir=study.args.data_dir)
-    i, j, rho = correlated_pixels(full.train)
+    i, j, _ = correlated_pixels(full.train)
     os.makedirs(os.path.join(study.out, "gaussian"), exist_ok=True)
     path = os.path.join(study.out, "gaussian", "pixels.npy")
     pair = full.train[:, [i, j]].double()
@@ -343,19 +343,9 @@ def stage_gaps(study: Study, doc: Document) -> str:
         argv += ["--threads", str(a.threads)]
     if a.progress is not None:
         argv.append("--progress" if a.progress else "--no-progress")
-    class Log(io.StringIO):  # its tables go to the report, not to the terminal; a tick per guide trained
-        started = 0  # it announces each guide as its training starts: the previous one is done
-
-        def write(self, text):
-            n = text.count("training ...")
-            study.tick(n - (n > 0 and not Log.started))
-            Log.started += n
-            return super().write(text)
-
-    log = Log()
+    log = io.StringIO()  # its tables go to the report, not to the terminal
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        status = compare_guides.main(argv)
-    study.tick()
+        status = compare_guides.main(argv, on_trained=lambda family, guide: study.tick())
     if status != 0:
         raise RuntimeError(f"compare_guides.py failed: {log.getvalue().strip().splitlines()[-1:]}")
     with atomic_write(os.path.join(out, "log.txt")) as f:

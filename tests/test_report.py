@@ -55,13 +55,12 @@ def test_every_stage_reported(quick_report):
     md = (quick_report / "report.md").read_text()
     for heading in ("Probabilistic PCA", "Bayesian Gaussian", "VAEs", "inference gap", "identities"):
         assert heading in md
-    # the gap decomposition adds up row by row, so its means do too (to print precision)
     gaps = json.loads((quick_report / "gaps" / "metrics.json").read_text())
-    for res in gaps["models"].values():
+    for family, res in gaps["models"].items():
         for r in res["guides"].values():
             t = r["test"]
-            assert abs(t["inference_gap"]["mean"] - t["approximation_gap"]["mean"]
-                       - t["amortization_gap"]["mean"]) < 1e-6
+            if family == "ppca":  # exact ELBOs: no q* of a family beats that family's optimum (closed form)
+                assert t["approximation_gap"]["mean"] >= t["approximation_gap_closed_form"] - 1e-6
             # q* starts from q and only climbs: L[q*] >= L[q] within 3 paired standard errors
             assert t["amortization_gap"]["mean"] > -3 * t["amortization_gap"]["se"] - 1e-9
     # the PPCA table carries the closed-form optimum and the SVI fit's exact log-likelihood
