@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 ## The main job on the built-in data (scikit-learn's 8x8 digits).
 run: $(STAMP)
-	$(PY) -m scripts.report --dataset digits --out $(OUT) --overwrite
+	$(VENV)/bin/elbolab report --dataset digits --out $(OUT) --overwrite
 
 ## The default test suite (under 10 minutes on 2 cores; `slow` runs left out).
 test: $(STAMP)

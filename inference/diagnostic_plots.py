@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 
-from inference.plots import plt, save_figure
+from elbolab.inference.plots import plt, save_figure
 
 COLORS = ("C0", "C1", "C2", "C3")
 

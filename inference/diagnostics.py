@@ -80,12 +80,12 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 
-from inference.errors import UsageError
-from inference.evaluate import MAX_ELEMENTS
-from inference.files import TMP_PREFIX
-from inference.objectives import DATA_PLATE, PARTICLES_PLATE
+from elbolab.inference.errors import UsageError
+from elbolab.inference.evaluate import MAX_ELEMENTS
+from elbolab.inference.files import TMP_PREFIX
+from elbolab.models.protocol import DerivedQuantities, ExactPosterior
+from elbolab.inference.traces import batch, in_plate, is_latent, is_scored, particles, site_log_prob
 
 K_GOOD = 0.5  # k below: finite variance
 K_BAD = 0.7  # k above: unreliable (Vehtari et al. 2024; Yao et al. 2018)
@@ -221,18 +221,6 @@ class Draws:
         return any(name not in self.local for name in self.latents)
 
 
-def _in_data_plate(site) -> bool:
-    return any(f.name == DATA_PLATE for f in site["cond_indep_stack"])
-
-
-def _log_prob(site) -> torch.Tensor:
-    lp = site["fn"].log_prob(site["value"])
-    mask = site["mask"]
-    if mask is not None:
-        lp = torch.where(torch.as_tensor(mask, device=lp.device), lp, lp.new_zeros(()))
-    return lp.double()
-
-
 def _site_tensor(site, n: int, b: int, local: bool) -> torch.Tensor:
     """A latent site's value as (n, ...event) (global) or (n, B, ...event) (local)."""
     value = site["value"]
@@ -247,7 +235,7 @@ def _site_tensor(site, n: int, b: int, local: bool) -> torch.Tensor:
 
 def _densities(site, n: int, b: int, local: bool) -> torch.Tensor:
     """A site's log density per draw (n,) (global) or per draw and row (n, B) (local), float64."""
-    lp = _log_prob(site)
+    lp = site_log_prob(site).double()
     lead = (n, b) if local else (n,)
     if lp.numel() != math.prod(lead):
         raise UsageError(f"site {site['name']!r}: log density of shape {tuple(lp.shape)} is not one per "
@@ -259,14 +247,13 @@ def guide_draws(model, x: torch.Tensor, rows: torch.Tensor | None, n: int, predi
     """``n`` draws from the guide for the rows x (B, ...), vectorized as one plate, and the
     model's densities at them (see :class:`Draws`). ``rows``: training-row indices of x
     (per-datapoint guides need them); None when x is a set of its own."""
-    nesting = getattr(model, "max_plate_nesting", 1)
+    nesting = model.max_plate_nesting
     b = int(x.shape[0])
     with torch.no_grad():
-        with pyro.plate(PARTICLES_PLATE, n, dim=-(nesting + 1)):
-            guide_tr = poutine.trace(model.guide).get_trace(x, rows)
-        sites = [s for s in guide_tr.nodes.values()
-                 if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
-        local = frozenset(s["name"] for s in sites if _in_data_plate(s))
+        with particles(n, nesting), batch(model, x, rows):
+            guide_tr = poutine.trace(model.guide).get_trace(x)
+        sites = [s for s in guide_tr.nodes.values() if is_latent(s)]
+        local = frozenset(s["name"] for s in sites if in_plate(s, model.data_plate))
         if local and len(local) < len(sites):
             raise UsageError("a guide with both global and per-row latents is not supported here")
         latents, log_q = {}, x.new_zeros((n, 1) if local else (n,), dtype=torch.float64)
@@ -282,7 +269,7 @@ def guide_draws(model, x: torch.Tensor, rows: torch.Tensor | None, n: int, predi
 def _traced_layout(model, latents: dict, local) -> dict:
     """Draws site -> (n, ...) as the plates lay them out: a global site (n, 1, ...event),
     a local one (n, B, ...event) (so that event dims are never taken for plate dims)."""
-    nesting = getattr(model, "max_plate_nesting", 1)
+    nesting = model.max_plate_nesting
     return {k: v if k in local else v.reshape((v.shape[0],) + (1,) * nesting + tuple(v.shape[1:]))
             for k, v in latents.items()}
 
@@ -292,23 +279,24 @@ def model_draws(model, x: torch.Tensor, rows: torch.Tensor | None, latents: dict
     """The model's densities at given draws of its latent sites, site -> (n, ...) (global)
     or (n, B, ...) (``local``): pointwise log-likelihoods, the log joint, and (with
     ``predictive``) replicated data. ``log_q`` is left zero (no guide here)."""
-    nesting = getattr(model, "max_plate_nesting", 1)
+    nesting = model.max_plate_nesting
     n, b = int(next(iter(latents.values())).shape[0]), int(x.shape[0])
     has_global = any(k not in local for k in latents)
     values = _traced_layout(model, latents, local)
     with torch.no_grad():
-        with pyro.plate(PARTICLES_PLATE, n, dim=-(nesting + 1)):
-            model_tr = poutine.trace(poutine.condition(model.model, data=values)).get_trace(x, rows)
+        with particles(n, nesting), batch(model, x, rows):
+            model_tr = poutine.trace(poutine.condition(model.model, data=values)).get_trace(x)
         log_lik, observed = {}, {}
         joint = x.new_zeros((n,) if has_global else (n, 1), dtype=torch.float64)
         for name, site in model_tr.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site):
+            if not is_scored(site):
                 continue
-            is_local = _in_data_plate(site)
+            is_local = in_plate(site, model.data_plate)
             lp = _densities(site, n, b, is_local)
             if site["is_observed"] and name not in values:
                 if not is_local:
-                    raise UsageError(f"observed site {name!r} is outside plate('data'): no pointwise log-likelihood")
+                    raise UsageError(f"observed site {name!r} is outside plate({model.data_plate!r}): no pointwise "
+                                     "log-likelihood")
                 log_lik[name], observed[name] = lp, site["value"].detach()
                 if has_global:  # the whole set's log-likelihood: the rows scaled by the data plate
                     lp = float(site["scale"]) * lp.sum(-1)
@@ -330,7 +318,8 @@ def _replicate(model, x, rows, model_tr, values: dict, obs_names: list[str]):
     # of dims: the traced layout keeps a global site's event dims from being taken for plates
     pred = pyro.infer.Predictive(poutine.uncondition(model.model), posterior_samples=values, num_samples=n,
                                  return_sites=obs_names, parallel=True)
-    out = pred(x, rows)
+    with batch(model, x, rows):
+        out = pred(x)
     replicated, rep_log_lik = {}, {}
     for name in obs_names:
         site = model_tr.nodes[name]
@@ -422,7 +411,8 @@ def draws_to_inference_data(model, d: Draws, chains: int, row_labels=None):
     for name, v in d.latents.items():
         posterior[name] = _array(v, chains)
         dims[name] = _dims(name, v.dim() - (2 if name in d.local else 1), name in d.local)
-    quantities, derived = getattr(model, "quantities", None), []
+    quantities = model.quantities if isinstance(model, DerivedQuantities) else None
+    derived = []
     if quantities is not None and d.has_global:
         with torch.no_grad():
             extra = quantities({k: v for k, v in d.latents.items() if k not in d.local})
@@ -482,9 +472,9 @@ def exact_inference_data(model, x: torch.Tensor, draws: int, chains: int = 1, se
                          local: set | frozenset = frozenset(), row_labels=None):
     """Draws from the model's exact posterior (a model with ``exact_posterior_samples(x, n)``)
     as InferenceData, or None for a model without one."""
-    sampler = getattr(model, "exact_posterior_samples", None)
-    if sampler is None:
+    if not isinstance(model, ExactPosterior):
         return None
+    sampler = model.exact_posterior_samples
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         samples = sampler(x, draws * chains)

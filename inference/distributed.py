@@ -205,6 +205,6 @@ def max_rank_difference(params: list[torch.Tensor]) -> float:
 def estimate_rows(fn: Callable[[torch.Tensor, torch.Tensor | None], dict[str, torch.Tensor]], x: torch.Tensor,
                   rows: torch.Tensor | None = None, *, chunk_size: int = EVAL_CHUNK, seed: int = 0) -> dict:
     """:func:`map_rows`, each per-row result summarized as an ``Estimate`` (mean, se, n, values)."""
-    from inference.evaluate import Estimate
+    from elbolab.inference.evaluate import Estimate
 
     return {k: Estimate.of(v) for k, v in map_rows(fn, x, rows, chunk_size=chunk_size, seed=seed).items()}

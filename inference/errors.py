@@ -1,12 +1,7 @@
-"""Errors a user can fix. Scripts turn them into one line on stderr and exit status 2."""
+"""Errors: the ones a user can fix (``UsageError`` and its kinds: one line, exit status 2
+from a program) and a fit's run-time fault (``NonFiniteError``)."""
 
-
-class UsageError(ValueError):
-    """Bad input from the user: a flag, a file, a value. The message is one line."""
-
-
-class DataError(UsageError):
-    """A data file or array that cannot be used as asked (names the file and the problem)."""
+from elbolab.models.errors import ConfigError, DataError, UsageError
 
 
 class NonFiniteError(RuntimeError):
@@ -15,3 +10,6 @@ class NonFiniteError(RuntimeError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
+
+
+__all__ = ["ConfigError", "DataError", "NonFiniteError", "UsageError"]

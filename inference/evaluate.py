@@ -22,13 +22,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-import pyro
 import torch
-from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 
-from inference.errors import UsageError
-from inference.objectives import DATA_PLATE, PARTICLES_PLATE, log_weights
+from elbolab.inference.errors import UsageError
+from elbolab.inference.traces import check_new_rows, guide_posterior, latent_names, model_log_weights, whole_set_log_weights
 
 # Default chunk size: particles x rows x data_dim elements of the decoder's output per
 # log-weight call (2^22 float32 = 16 MB; a few such tensors live at once).
@@ -62,61 +59,14 @@ def elbo_terms(model, x: torch.Tensor, rows: torch.Tensor | None = None, n_parti
     None for rows that are a set of their own (validation, test).
     """
     with torch.no_grad():
-        lw = log_weights(model.model, model.guide, x, rows, n_particles, getattr(model, "max_plate_nesting", 1))
+        lw = model_log_weights(model, x, rows, n_particles)
     return {"elbo": lw.log_w.mean(0), "recon": lw.log_lik.mean(0), "kl": (lw.log_q - lw.log_prior).mean(0)}
 
 
 def global_latent_sites(model, x: torch.Tensor, rows: torch.Tensor | None = None) -> list[str]:
-    """The guide's latent sites outside plate("data"), from one trace of the guide (the
+    """The guide's latent sites outside the data plate, from one trace of the guide (the
     random-number stream is left as it was)."""
-    with torch.no_grad(), torch.random.fork_rng():
-        tr = poutine.trace(model.guide).get_trace(x, rows)
-    return [name for name, site in tr.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-            and not any(f.name == DATA_PLATE for f in site["cond_indep_stack"])]
-
-
-def _per_particle(site, K: int, nesting: int) -> torch.Tensor:
-    """A site's log density summed over everything but the particles plate, scaled (K,)."""
-    lp = site["fn"].log_prob(site["value"])
-    mask = site["mask"]
-    if mask is not None:
-        lp = lp * mask if isinstance(mask, torch.Tensor) else lp * float(bool(mask))
-    lp = lp.reshape((1,) * max(0, nesting + 1 - lp.dim()) + tuple(lp.shape))
-    lp = lp.movedim(lp.dim() - nesting - 1, 0)
-    return lp.reshape(lp.shape[0], -1).sum(-1).expand(K) * site["scale"]
-
-
-def whole_set_log_weights(model, x: torch.Tensor, rows: torch.Tensor | None, n_particles: int,
-                          chunk: int = 100) -> dict[str, torch.Tensor]:
-    """log p(X | theta_k), log p(theta_k) and log q(theta_k) of the whole set X (the rows
-    of x, scaled by the data plate to the set they subsample), for K independent
-    draws theta_k ~ q, vectorized in chunks: each (K,)."""
-    nesting = getattr(model, "max_plate_nesting", 1)
-    out: dict[str, list[torch.Tensor]] = {"log_lik": [], "log_prior": [], "log_q": []}
-    size = x.shape[0]
-    with torch.no_grad():
-        for start in range(0, n_particles, chunk):
-            K = min(chunk, n_particles - start)
-            with pyro.plate(PARTICLES_PLATE, K, dim=-(nesting + 1)):
-                guide_tr = poutine.trace(model.guide).get_trace(x, rows)
-                model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x, rows)
-            terms = {k: x.new_zeros(K, dtype=torch.float64) for k in out}
-            for site in guide_tr.nodes.values():
-                if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
-                    terms["log_q"] = terms["log_q"] + _per_particle(site, K, nesting)
-            for site in model_tr.nodes.values():
-                if site["type"] != "sample" or site_is_subsample(site):
-                    continue
-                key = "log_lik" if site["is_observed"] else "log_prior"
-                terms[key] = terms[key] + _per_particle(site, K, nesting)
-                if site["is_observed"]:
-                    size = x.shape[0] * float(site["scale"])
-            for k in out:
-                out[k].append(terms[k])
-    result = {k: torch.cat(v) for k, v in out.items()}
-    result["n_rows"] = torch.tensor(float(size))  # the size of the set the totals are of
-    return result
+    return latent_names(model, x, rows)[1]
 
 
 def whole_set_elbo_estimate(model, x: torch.Tensor, rows: torch.Tensor | None = None,
@@ -196,8 +146,8 @@ def importance_estimates(model, x: torch.Tensor, n_samples: int, rows: torch.Ten
         raise UsageError("importance sampling needs at least one row")
     if rows is not None and rows.shape[0] != n:
         raise UsageError(f"rows has {rows.shape[0]} indices for {n} rows of x")
+    check_new_rows(model, x, rows)
     b_size, k_size = chunk_sizes(n, n_samples, int(x[0].numel()), batch_size, particle_chunk, max_elements)
-    nesting = getattr(model, "max_plate_nesting", 1)
     out = {key: torch.empty(n, dtype=torch.float64) for key in ("log_likelihood", "elbo", "recon", "kl")}
     rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
     with rng, torch.no_grad():
@@ -210,7 +160,7 @@ def importance_estimates(model, x: torch.Tensor, n_samples: int, rows: torch.Ten
             sums = torch.zeros(3, b, dtype=torch.float64)  # log w, log p(x|z), log q - log p(z)
             kept = [] if on_log_weights is not None else None
             for _, kc in _chunks(n_samples, k_size):
-                lw = log_weights(model.model, model.guide, xb, rb, kc, nesting)
+                lw = model_log_weights(model, xb, rb, kc)
                 log_w = lw.log_w.double()  # (kc, b)
                 lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
                 sums += torch.stack([log_w.sum(0), lw.log_lik.double().sum(0),
@@ -238,7 +188,7 @@ def active_units(model, x: torch.Tensor, rows: torch.Tensor | None = None,
     Cov_x(E_q[z_u | x]) > ``threshold`` over the rows of x (population variance of the
     guide's means). Returns the count, the dimension and each unit's variance."""
     with torch.no_grad():
-        means = torch.cat([model.guide_dist(x[s : s + b], None if rows is None else rows[s : s + b]).mean
+        means = torch.cat([guide_posterior(model, x[s : s + b], None if rows is None else rows[s : s + b]).mean
                            for s, b in _chunks(int(x.shape[0]), batch_size)]).double()  # (N, k)
     var = means.var(0, unbiased=False)
     return {"active_units": int((var > threshold).sum()), "latent_dim": int(var.numel()),

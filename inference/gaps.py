@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from inference.evaluate import Estimate, importance_estimates
+from elbolab.inference.evaluate import Estimate, importance_estimates
+from elbolab.inference.traces import reads_row_indices
 
 QUANTITIES = ("log_likelihood", "elbo", "iwae", "elbo_star", "iwae_star",
               "inference_gap", "approximation_gap", "amortization_gap")
@@ -64,7 +65,7 @@ def decompose(guide, local, x: torch.Tensor, n_samples: int, rows: torch.Tensor 
     ``exact`` (bool), ``n_samples``, ``proposal_star_share`` (rows whose log p(x)
     estimate came from q*; None when exact)."""
     n = int(x.shape[0])
-    if rows is None and not getattr(guide, "amortized", True):
+    if rows is None and reads_row_indices(guide, x):
         rows = torch.arange(n)  # a table over the rows of x
     a = bounds(guide, x, rows, n_samples, seed)
     s = bounds(local, x, torch.arange(n), n_samples, seed)  # the same seed: common random numbers

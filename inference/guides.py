@@ -1,26 +1,27 @@
-"""Guides for any model whose one local latent ``z`` (event dim 1) sits in plate("data"):
+"""Guides for any model whose one local latent (event dim 1) sits in its data plate:
 per-datapoint tables, semi-amortized refinement, and the test-time local optimum q*.
 
-The notes contrast amortization, one network q_phi(z|x) shared by every datapoint,
-with classic variational inference, one set of parameters phi_i per datapoint. These
-make the contrast measurable for any model of ``models/`` that has a local "z":
+Amortization, one network q_phi(z|x) shared by every datapoint, against classic
+variational inference, one set of parameters phi_i per datapoint. These make the
+contrast measurable for any model with one local latent site (a model's guide is read
+by tracing it; no model names):
 
 * :class:`PerDatapointGuide`: q(z_i) = N(loc_i, diag scale_i^2) (or N(loc_i, L_i L_i^T)
-  with ``full=True``), a table indexed by the subsampled plate's row indices
+  with ``full=True``), a table indexed by the batch rows' positions in the training set
   (``models.common``'s tables), trained jointly with the model by SVI, optionally
   initialized from the model's own guide;
 * :class:`SemiAmortizedGuide`: the model's guide refined by S gradient steps on each
-  row's ELBO (Kim et al. 2018), inside ``guide(x, idx)``, so the training driver is
+  row's ELBO (Kim et al. 2018), inside ``guide(x)``, so the training driver is
   unchanged;
 * :func:`optimize_local`: q*, for a fixed model, a Gaussian per row optimized until its
   running loss stops improving (the protocol of Cremer, Li & Duvenaud 2018), every row
   in one table and one batched loss.
 
-Each wraps the model (``self.base``) and exposes the model contract: ``model(x, idx)``,
-``guide(x, idx)``, ``guide_dist(x, idx)``, ``amortized``, ``n_data``, ``data_dim``,
-``max_plate_nesting``, and the closed forms the model has (``exact_log_likelihood``;
-``exact_elbo`` when the model has ``exact_elbo_of``). So ``inference.train.fit`` trains
-it and ``inference.evaluate`` evaluates it like any model.
+Each wraps the model (``self.base``) and is itself a model of the workbench's contract
+(``model(x)``, ``guide(x)``, ``n_data``, ``data_dim``, ``data_plate``,
+``max_plate_nesting``), with the closed forms the model has (``exact_log_likelihood``;
+``exact_elbo`` when the model has ``exact_elbo_of``). So ``inference.train.fit``
+trains it and ``inference.evaluate`` evaluates it like any model.
 """
 
 from __future__ import annotations
@@ -34,11 +35,10 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.nn import PyroModule
-from pyro.poutine.util import site_is_subsample
 
-from inference.errors import UsageError
-from inference.objectives import DATA_PLATE, _local_log_prob
-from models.common import PerDatapointMultivariateNormal, PerDatapointNormal, data_plate
+from elbolab.inference.errors import UsageError
+from elbolab.inference.traces import batch_rows, guide_posterior, is_scored, local_site, per_row
+from elbolab.models.common import PerDatapointMultivariateNormal, PerDatapointNormal
 
 MAX_ELEMENTS = 2**22  # particles x rows x data_dim per chunk of a local-optimization step (16 MB float32)
 
@@ -46,47 +46,40 @@ MAX_ELEMENTS = 2**22  # particles x rows x data_dim per chunk of a local-optimiz
 # ----------------------------------------------------------------------------- the local latent
 
 
+def local_latent(model) -> tuple[str, int, int]:
+    """(name, event size k, plate dim) of the model's one local latent, checked from one
+    trace of its guide on two rows of zeros: the guide must sample exactly one latent
+    site, inside the data plate, with one event dimension. UsageError otherwise."""
+    param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    x = torch.zeros(2, model.data_dim, dtype=param.dtype if param is not None else torch.get_default_dtype())
+    site = local_site(model, x, torch.arange(2) if model.n_data >= 2 else None)
+    dim = next(f.dim for f in site["cond_indep_stack"] if f.name == model.data_plate)
+    return site["name"], int(site["fn"].event_shape[0]), int(dim)
+
+
 def local_latent_dim(model) -> int:
-    """The event size k of the model's one local latent "z", checked from one trace of its
-    guide on two rows of zeros: the guide must sample exactly one latent site, named "z",
-    inside plate("data"), with one event dimension. UsageError otherwise."""
-    data_dim = getattr(model, "data_dim", None)
-    if data_dim is None:
-        raise UsageError(f"{type(model).__name__} has no data_dim: these guides need a model of models/")
-    param = next(iter(model.parameters()), None)
-    x = torch.zeros(2, data_dim, dtype=param.dtype if param is not None else torch.get_default_dtype())
-    with torch.no_grad(), torch.random.fork_rng():
-        tr = poutine.trace(model.guide).get_trace(x, torch.arange(2))
-    latent = [s for s in tr.nodes.values()
-              if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
-    names = [s["name"] for s in latent]
-    if names != ["z"]:
-        raise UsageError(f"{type(model).__name__}'s guide samples {', '.join(names) or 'nothing'}; per-datapoint and "
-                         "semi-amortized guides need exactly one local latent 'z'")
-    site = latent[0]
-    if not any(f.name == DATA_PLATE for f in site["cond_indep_stack"]) or len(site["fn"].event_shape) != 1:
-        raise UsageError(f"{type(model).__name__}'s latent 'z' must sit in plate('data') with one event dimension")
-    return int(site["fn"].event_shape[0])
+    """The event size k of the model's one local latent (see :func:`local_latent`)."""
+    return local_latent(model)[1]
 
 
-def local_elbo(model, x: torch.Tensor, q: dist.Distribution, n_particles: int = 1) -> torch.Tensor:
+def local_elbo(model, x: torch.Tensor, q: dist.Distribution, n_particles: int = 1, site: str = "z") -> torch.Tensor:
     """Each row's ELBO under q(z_i), E_q[log p(x_i, z)] + H[q_i], (B,): ``n_particles``
-    reparameterized draws z ~ q (P, B, k) replayed through ``model.model`` (x a set of
-    its own, so no scaling) and the entropy of q in closed form. Differentiable in q's
-    parameters (and the model's). Its sites stay hidden from any enclosing trace, so a
-    guide may call it while an objective traces the guide."""
+    reparameterized draws z ~ q (P, B, k) of the latent ``site`` replayed through
+    ``model.model`` (x a set of its own, so no scaling) and the entropy of q in closed
+    form. Differentiable in q's parameters (and the model's). Its sites stay hidden from
+    any enclosing trace, so a guide may call it while an objective traces the guide."""
     z = q.rsample((n_particles,))  # (P, B, k)
     P, B = int(n_particles), int(x.shape[0])
     with poutine.block():
-        tr = poutine.trace(poutine.condition(model.model, data={"z": z})).get_trace(x, None)
+        tr = poutine.trace(poutine.condition(model.model, data={site: z})).get_trace(x)
     log_p = x.new_zeros(P, B)
-    for site in tr.nodes.values():
-        if site["type"] != "sample" or site_is_subsample(site):
+    for s in tr.nodes.values():
+        if not is_scored(s):
             continue
-        if not site["is_observed"]:
-            raise UsageError(f"the model samples {site['name']!r} besides 'z': a local ELBO needs every "
+        if not s["is_observed"]:
+            raise UsageError(f"the model samples {s['name']!r} besides {site!r}: a local ELBO needs every "
                              "latent of the model in the guide")
-        log_p = log_p + _local_log_prob(site, P, B)
+        log_p = log_p + per_row(s, P, B, model.data_plate)
     return log_p.mean(0) + q.entropy()  # (B,)
 
 
@@ -108,37 +101,31 @@ def loc_and_scale(q: dist.Distribution, full: bool) -> tuple[torch.Tensor, torch
 
 
 class LocalGuide(PyroModule):
-    """A model with its guide for "z" replaced; subclasses define ``guide_dist``.
+    """A model with the guide of its local latent replaced; subclasses define ``guide_dist``.
 
-    ``subsample``: the guide's rows are the model's training rows, so ``idx`` goes to
-    the model's plate too (a mini-batch is scaled to the training set). With False the
-    rows of x are a set of their own (e.g. test rows for q*): ``idx`` only indexes the
-    guide, and the model sees ``idx=None`` (scale 1).
+    ``n_data``: the rows the guide covers (a table's rows; by default the model's
+    training rows). A batch of them is scaled to ``n_data`` rows; a table over rows
+    that are a set of their own (test rows for q*) covers and scales to those.
     """
 
-    amortized = False
-
-    def __init__(self, model, subsample: bool = True):
+    def __init__(self, model, n_data: int | None = None):
         super().__init__()
-        self.latent_dim = local_latent_dim(model)
+        self.site, self.latent_dim, self.plate_dim = local_latent(model)
         self.base = model
-        self.subsample = subsample
-        self.likelihood = getattr(model, "likelihood", None)
-        self.max_plate_nesting = getattr(model, "max_plate_nesting", 1)
-        self.n_data, self.data_dim = int(model.n_data), int(model.data_dim)
+        self.data_plate = model.data_plate
+        self.max_plate_nesting = model.max_plate_nesting
+        self.n_data = int(model.n_data if n_data is None else n_data)
+        self.data_dim = int(model.data_dim)
 
-    def _model_idx(self, idx):
-        return idx if self.subsample else None
+    def model(self, x: torch.Tensor) -> None:
+        return self.base.model(x)
 
-    def model(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
-        return self.base.model(x, self._model_idx(idx))
+    def guide(self, x: torch.Tensor) -> None:
+        q = self.guide_dist(x, batch_rows(x))  # before the plate: a refinement may open plates of its own
+        with pyro.plate(self.data_plate, x.shape[0], dim=self.plate_dim):
+            pyro.sample(self.site, q)  # (..., B, k)
 
-    def guide(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
-        q = self.guide_dist(x, idx)  # before the plate: a refinement may open plates of its own
-        with data_plate(self.n_data, x, self._model_idx(idx)):
-            pyro.sample("z", q)  # (..., B, k)
-
-    def guide_dist(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dist.Distribution:
+    def guide_dist(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> dist.Distribution:
         raise NotImplementedError
 
     @property
@@ -148,10 +135,10 @@ class LocalGuide(PyroModule):
 
     @property
     def exact_elbo(self):
-        """``exact_elbo(x, idx)``: each row's ELBO under this guide in closed form, where the
+        """``exact_elbo(x, rows)``: each row's ELBO under this guide in closed form, where the
         model has ``exact_elbo_of`` (AttributeError otherwise)."""
         elbo_of = self.base.exact_elbo_of
-        return lambda x, idx=None: elbo_of(x, self.guide_dist(x, idx))
+        return lambda x, rows=None: elbo_of(x, self.guide_dist(x, rows))
 
     @property
     def exact_elbo_of(self):
@@ -163,22 +150,17 @@ class PerDatapointGuide(LocalGuide):
     table per datapoint (``n_rows``: the model's training rows by default). It cannot infer
     a row it has no entry for."""
 
-    amortized = False
-
-    def __init__(self, model, full: bool = False, n_rows: int | None = None, init_scale: float = 0.1,
-                 subsample: bool = True):
-        super().__init__(model, subsample)
-        n = self.n_data if n_rows is None else int(n_rows)
-        if subsample and n != self.n_data:
-            raise ValueError(f"a table of the training rows has {self.n_data} rows, not {n}")
+    def __init__(self, model, full: bool = False, n_rows: int | None = None, init_scale: float = 0.1):
+        super().__init__(model, n_rows)
+        n = self.n_data
         self.full = bool(full)
         table = (PerDatapointMultivariateNormal if full else PerDatapointNormal)(n, self.latent_dim, init_scale)
         param = next(iter(model.parameters()), None)
         self.table = table.to(param.dtype) if param is not None else table
         self.n_rows = n
 
-    def guide_dist(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dist.Distribution:
-        return self.table.dist(x, idx)  # batch (B,), event (k,)
+    def guide_dist(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> dist.Distribution:
+        return self.table.dist(torch.arange(x.shape[0]) if rows is None else rows)  # batch (B,), event (k,)
 
     @torch.no_grad()
     def initialize(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
@@ -196,7 +178,7 @@ class PerDatapointGuide(LocalGuide):
             raise ValueError(f"the table has {self.n_rows} rows; x has {x.shape[0]}")
         locs, scales = [], []
         for s in range(0, x.shape[0], batch_size):
-            q = source.guide_dist(x[s: s + batch_size], None if rows is None else rows[s: s + batch_size])
+            q = guide_posterior(source, x[s: s + batch_size], None if rows is None else rows[s: s + batch_size])
             loc, scale = loc_and_scale(q, self.full)
             locs.append(loc.detach())
             scales.append(scale.detach())
@@ -237,7 +219,7 @@ class SemiAmortizedGuide(LocalGuide):
 
     def __init__(self, model, steps: int = 5, step_size: float = 0.1, n_particles: int = 1,
                  differentiable: bool = True, natural: bool = True, max_step: float | None = 1.0):
-        super().__init__(model, subsample=True)
+        super().__init__(model)
         if int(steps) != steps or steps < 0:
             raise UsageError(f"semi-amortized steps must be an integer >= 0, got {steps}")
         if not (step_size > 0 and math.isfinite(step_size)):
@@ -249,12 +231,9 @@ class SemiAmortizedGuide(LocalGuide):
         self.steps, self.step_size, self.n_particles = int(steps), float(step_size), int(n_particles)
         self.differentiable, self.natural, self.max_step = bool(differentiable), bool(natural), max_step
 
-    @property
-    def amortized(self) -> bool:
-        return bool(getattr(self.base, "amortized", True))
-
-    def guide_dist(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dist.Distribution:
-        loc, scale = loc_and_scale(self.base.guide_dist(x, idx), full=False)  # (B, k) each
+    def guide_dist(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> dist.Distribution:
+        q0 = guide_posterior(self.base, x, rows, grad=torch.is_grad_enabled())
+        loc, scale = loc_and_scale(q0, full=False)  # (B, k) each
         loc, scale = self.refine(x, loc, scale)
         return dist.Normal(loc, scale).to_event(1)  # batch (B,), event (k,)
 
@@ -269,7 +248,7 @@ class SemiAmortizedGuide(LocalGuide):
         with torch.enable_grad():
             for _ in range(self.steps):
                 q = dist.Normal(lam[0], lam[1].exp()).to_event(1)
-                elbo = local_elbo(self.base, x, q, self.n_particles).sum()  # rows are independent: one sum
+                elbo = local_elbo(self.base, x, q, self.n_particles, self.site).sum()  # rows are independent: one sum
                 grads = torch.autograd.grad(elbo, lam, create_graph=through)
                 if self.natural:  # the inverse Fisher of N(loc, diag e^{2 log scale}) in (loc, log scale)
                     grads = [grads[0] * (2 * lam[1]).exp(), grads[1] / 2]
@@ -320,10 +299,9 @@ def materialize(model, x: torch.Tensor, rows: torch.Tensor | None = None, full: 
     (an encoder, a refinement, a trained table). ``full``: the table's family (default:
     the guide's own)."""
     if full is None:
-        with torch.no_grad():
-            probe = model.guide_dist(x[:1], None if rows is None else rows[:1])
+        probe = guide_posterior(model, x[:1], None if rows is None else rows[:1])
         full = isinstance(probe, torch.distributions.MultivariateNormal)
-    table = PerDatapointGuide(model, full=full, n_rows=int(x.shape[0]), subsample=False)
+    table = PerDatapointGuide(model, full=full, n_rows=int(x.shape[0]))
     table.initialize_from(model, x, rows, batch_size)
     return table
 
@@ -409,12 +387,12 @@ def optimize_local(model, x: torch.Tensor, rows: torch.Tensor | None = None, *,
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if start is not None:
-            q_star = PerDatapointGuide(model, full=start.full, n_rows=n, subsample=False)
+            q_star = PerDatapointGuide(model, full=start.full, n_rows=n)
             q_star.table.load_state_dict(start.table.state_dict())  # a copy of its rows
         elif init == "guide":
             q_star = materialize(model, x, rows, full)
         else:
-            q_star = PerDatapointGuide(model, full=bool(full), n_rows=n, subsample=False)
+            q_star = PerDatapointGuide(model, full=bool(full), n_rows=n)
             k = q_star.latent_dim
             loc = x.new_zeros(n, k)
             q_star.initialize(loc, torch.eye(k, dtype=x.dtype).expand(n, k, k) if q_star.full else loc + 1.0)
@@ -436,7 +414,7 @@ def optimize_local(model, x: torch.Tensor, rows: torch.Tensor | None = None, *,
             for s in range(0, active.numel(), chunk):
                 ids = active[s: s + chunk]
                 xb = x[ids]
-                elbo = local_elbo(q_star, xb, q_star.guide_dist(xb, ids), n_particles)  # (b,)
+                elbo = local_elbo(q_star, xb, q_star.guide_dist(xb, ids), n_particles, q_star.site)  # (b,)
                 (-elbo.sum()).backward(inputs=params)
                 window_sum[ids] -= elbo.detach().double()
             opt.step()

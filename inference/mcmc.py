@@ -1,6 +1,6 @@
 """NUTS (Pyro's MCMC) as the reference sampler for a model's latent sites.
 
-``run_nuts(model, x)`` samples p(latents | x) of ``model.model(x, None)`` (the rows of
+``run_nuts(model, x)`` samples p(latents | x) of ``model.model(x)`` (the rows of
 x as a data set of their own) and returns the draws per site with their effective
 sample sizes, divergences and timings. A model with learnable parameters is sampled
 at their current values. The chain's randomness is seeded, so a run repeats.
@@ -15,7 +15,8 @@ import pyro
 import torch
 from pyro.infer import MCMC, NUTS
 
-from inference.errors import UsageError
+from elbolab.inference.errors import UsageError
+from elbolab.inference.traces import batch
 
 
 @dataclass
@@ -57,12 +58,13 @@ def run_nuts(model, x: torch.Tensor, num_samples: int = 500, warmup_steps: int =
                          f"{num_samples}, {warmup_steps}, {num_chains}")
     pyro.set_rng_seed(seed)
     kernel = NUTS(model.model, target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth,
-                  full_mass=full_mass, max_plate_nesting=getattr(model, "max_plate_nesting", 1),
+                  full_mass=full_mass, max_plate_nesting=model.max_plate_nesting,
                   jit_compile=jit_compile, ignore_jit_warnings=True)
     mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
                 disable_progbar=not progress, mp_context=None)
     t0 = time.perf_counter()
-    mcmc.run(x, None)
+    with batch(model, x):  # the rows of x are the whole data set
+        mcmc.run(x)
     seconds = time.perf_counter() - t0
     samples = {k: v.detach() for k, v in mcmc.get_samples().items()}
     diag = mcmc.diagnostics()

@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from inference.files import atomic_write  # noqa: E402
+from elbolab.inference.files import atomic_write  # noqa: E402
 
 
 def save_figure(fig, path: str, dpi: int = 110) -> None:
@@ -130,15 +130,21 @@ def latent_scatter(means, labels, path: str, title: str) -> None:
 def model_pictures(model, data, out_dir: str, name: str = "", seed: int = 0, n: int = 100) -> list[str]:
     """The pictures a fitted latent-variable model supports, as PNG in ``out_dir``:
     ``prior_samples.png`` and ``reconstructions.png`` for image data and a model with
-    ``sample_prior`` / ``decode`` (pixel probabilities), ``latent_means.png`` for any
-    model with an ``encoder``. Test rows with an amortized guide, training rows otherwise.
-    Returns the file names written."""
+    ``sample_prior`` / ``decode`` (pixel probabilities: :class:`models.protocol.Generative`),
+    ``latent_means.png`` for any model with one local latent. Test rows with a guide that
+    infers new rows, training rows otherwise. Returns the file names written."""
     import os
 
     import torch
 
+    from elbolab.inference.traces import guide_posterior, infers_new_rows, latent_names
+    from elbolab.models.protocol import Generative
+
     written = []
-    amortized = getattr(model, "amortized", True)
+    local, glob = latent_names(model, data.train[:2])
+    if len(local) != 1 or glob:
+        return written
+    amortized = infers_new_rows(model, data.train)
     x, rows = (data.test, None) if amortized and data.test.shape[0] else (data.train, torch.arange(data.n_train))
     labels = data.test_labels if rows is None else data.train_labels
     if data.binarize == "dynamic" and rows is not None:
@@ -147,16 +153,16 @@ def model_pictures(model, data, out_dir: str, name: str = "", seed: int = 0, n: 
     g = torch.random.fork_rng()
     with g, torch.no_grad():
         torch.manual_seed(seed)
-        image = data.image_shape is not None and hasattr(model, "decode")
-        if image and hasattr(model, "sample_prior"):
+        image = data.image_shape is not None and isinstance(model, Generative)
+        if image:
             probs = model.decode(model.sample_prior(n)).cpu().numpy()
             image_grid(probs, data.image_shape, os.path.join(out_dir, "prior_samples.png"),
                        f"{label}: Bernoulli means of p(x|z) for z ~ p(z), {n} draws")
             written.append("prior_samples.png")
-        if hasattr(model, "encoder"):
+        if True:
             sub = slice(0, min(2000, x.shape[0]))
             idx = None if rows is None else rows[sub]
-            means = model.guide_dist(x[sub], idx).mean
+            means = guide_posterior(model, x[sub], idx).mean
             if image:
                 m = min(30, means.shape[0])
                 image_grid_pairs = model.decode(means[:m]).cpu().numpy()

@@ -12,8 +12,8 @@ from typing import Any
 
 import pyro
 
-from models.common import ConfigError, config_from_dict, config_to_dict
-from models import gaussian, ppca, vae
+from elbolab.models.common import ConfigError, config_from_dict, config_to_dict
+from elbolab.models import gaussian, ppca, vae
 
 pyro.settings.set(module_local_params=True)
 

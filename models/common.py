@@ -17,13 +17,11 @@ from pyro.nn import PyroModule, PyroParam
 from torch import nn
 from torch.distributions import constraints, transform_to
 
+from elbolab.models.errors import ConfigError
+
 C = TypeVar("C")
 
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "softplus": nn.Softplus}
-
-
-class ConfigError(ValueError):
-    """A model Config field has an impossible value (one-line message)."""
 
 
 def config_to_dict(config) -> dict[str, Any]:
@@ -91,25 +89,21 @@ class BernoulliLogits(dist.Bernoulli):
         return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
 
 
-def data_plate(n_data: int, x: torch.Tensor, idx: torch.Tensor | None):
-    """The ``data`` plate (dim=-1): the training set of ``n_data`` rows subsampled at
-    ``idx``; with ``idx=None`` the rows of ``x`` are a set of their own (scale 1)."""
-    if idx is None:
-        return pyro.plate("data", x.shape[0], dim=-1)
-    return pyro.plate("data", n_data, subsample=idx, dim=-1)
+DATA_PLATE = "data"
 
 
-def training_rows(n_data: int, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """The training-row indices a per-datapoint guide reads: ``idx``, or every row when
-    x is the whole training set; a per-datapoint guide cannot infer other rows."""
-    if idx is not None:
-        return idx
-    if x.shape[0] != n_data:
-        raise ValueError(
-            "a per-datapoint guide needs the training-row indices idx "
-            f"(it holds {n_data} rows and cannot infer new data)"
-        )
-    return torch.arange(n_data)
+def data_plate(x: torch.Tensor):
+    """``pyro.plate("data", len(x))`` over the rows of x (dim -1). Its indices are the rows'
+    positions in the training set when the workbench runs a mini-batch (it conditions
+    them), 0..B-1 otherwise: what per-datapoint tables are indexed by."""
+    return pyro.plate(DATA_PLATE, x.shape[0], dim=-1)
+
+
+def _check_rows(rows: torch.Tensor, n_data: int) -> torch.Tensor:
+    if rows.numel() and int(rows.max()) >= n_data:
+        raise ValueError(f"row index {int(rows.max())} of a table of {n_data} rows: a per-datapoint guide "
+                         "cannot infer rows it was not trained on")
+    return rows
 
 
 class PerDatapointNormal(PyroModule):
@@ -134,8 +128,9 @@ class PerDatapointNormal(PyroModule):
         self.loc = PyroParam(torch.zeros(n_data, latent_dim))
         self.scale = PyroParam(torch.full((n_data, latent_dim), init_scale), constraint=constraints.positive)
 
-    def dist(self, x: torch.Tensor, idx: torch.Tensor | None) -> dist.Distribution:
-        idx = training_rows(self.n_data, x, idx)
+    def dist(self, rows: torch.Tensor) -> dist.Distribution:
+        """q(z_i) of the training rows ``rows`` (B,): batch (B,), event (latent_dim,)."""
+        idx = _check_rows(rows, self.n_data)
         loc = self._rows("loc", idx, constraints.real)  # (B, latent_dim)
         scale = self._rows("scale", idx, constraints.positive)  # (B, latent_dim)
         return dist.Normal(loc, scale).to_event(1)  # (B,) x (latent_dim,)
@@ -168,8 +163,9 @@ class PerDatapointMultivariateNormal(PyroModule):
         eye = torch.eye(latent_dim).expand(n_data, latent_dim, latent_dim)
         self.scale_tril = PyroParam(init_scale * eye, constraint=constraints.lower_cholesky)
 
-    def dist(self, x: torch.Tensor, idx: torch.Tensor | None) -> dist.Distribution:
-        idx = training_rows(self.n_data, x, idx)
+    def dist(self, rows: torch.Tensor) -> dist.Distribution:
+        """q(z_i) of the training rows ``rows`` (B,): batch (B,), event (latent_dim,)."""
+        idx = _check_rows(rows, self.n_data)
         # only the batch's rows are read and transformed (not the whole n_data x k x k table)
         loc = self.loc_unconstrained[idx]  # (B, latent_dim); constraint real: stored as is
         scale_tril = transform_to(constraints.lower_cholesky)(self.scale_tril_unconstrained[idx])  # (B, k, k)

@@ -65,7 +65,7 @@ from pyro.infer import autoguide
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
 
-from models.common import ConfigError, data_plate
+from elbolab.models.common import DATA_PLATE, ConfigError, data_plate
 
 PRIORS = ("normal-wishart", "normal-gamma", "known-scale")
 GUIDES = ("mean-field", "full-rank", "structured")
@@ -403,7 +403,7 @@ class NormalWishartGuide(PyroModule):
         """T = L0^-1 L (d, d), lower-triangular, with L L^T = V."""
         return self.precision_tril / (self.df.sqrt() * self.prior_tril)
 
-    def forward(self, x=None, idx=None) -> None:
+    def forward(self, x=None) -> None:
         d = self.d
         T = self.relative_tril()
         tdiag = torch.diagonal(T)
@@ -450,7 +450,7 @@ class NormalGammaGuide(PyroModule):
         self.shape = PyroParam(torch.tensor(prior.shape + 0.5 * n_data), constraint=constraints.positive)
         self.precision_mean = PyroParam(torch.tensor(prior.shape / prior.rate), constraint=constraints.positive)
 
-    def forward(self, x=None, idx=None) -> None:
+    def forward(self, x=None) -> None:
         rate = self.shape / self.precision_mean
         precision = pyro.sample("precision", dist.Gamma(self.shape.expand([1]), rate.expand([1])).to_event(1))  # (..., 1)
         pyro.sample("loc", dist.Normal(self.loc, (self.kappa * precision).rsqrt()).to_event(1))  # (..., 1)
@@ -471,7 +471,7 @@ class KnownScaleGuide(PyroModule):
         self.loc = PyroParam(torch.full((d,), prior_loc))
         self.kappa = PyroParam(torch.tensor(kappa + n_data), constraint=constraints.positive)
 
-    def forward(self, x=None, idx=None) -> None:
+    def forward(self, x=None) -> None:
         scale = (self.noise_scale * self.kappa.rsqrt()).expand(self.loc.shape)
         pyro.sample("loc", dist.Normal(self.loc, scale).to_event(1))  # (..., d)
 
@@ -487,12 +487,12 @@ STRUCTURED = (NormalWishartGuide, NormalGammaGuide, KnownScaleGuide)
 
 
 class BayesianGaussian(PyroModule):
-    """x_i ~ N(loc, precision^-1) with a conjugate prior; ``model(x, idx)`` / ``guide(x, idx)``
+    """x_i ~ N(loc, precision^-1) with a conjugate prior; ``model(x)`` / ``guide(x)``
     take x (B, d); the latents (loc, precision) are global."""
 
     likelihood = "gaussian"
     max_plate_nesting = 1
-    amortized = False  # global latents only: nothing per row to infer for held-out rows
+    data_plate = DATA_PLATE
 
     def __init__(self, config: GaussianConfig, data_dim: int, n_data: int):
         super().__init__()
@@ -522,7 +522,7 @@ class BayesianGaussian(PyroModule):
 
     # -- the Pyro model and guide ----------------------------------------------
 
-    def model(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+    def model(self, x: torch.Tensor) -> None:
         cfg, d = self.config, self.data_dim
         m0, kappa0 = x.new_full((d,), cfg.prior_loc), cfg.prior_kappa
         if cfg.prior == "normal-wishart":
@@ -536,7 +536,7 @@ class BayesianGaussian(PyroModule):
             chol = self.prior_tril * bartlett_factor(diag, lower)  # (..., d, d): cholesky of the precision
             precision = chol @ chol.transpose(-1, -2)  # (..., d, d)
             loc = pyro.sample("loc", dist.MultivariateNormal(m0, precision_matrix=kappa0 * precision))  # (..., d)
-            with data_plate(self.n_data, x, idx):
+            with data_plate(x):
                 pyro.sample("x", dist.MultivariateNormal(loc, precision_matrix=precision), obs=x)  # (..., B, d)
             return
         if cfg.prior == "normal-gamma":
@@ -547,11 +547,11 @@ class BayesianGaussian(PyroModule):
         else:
             scale = x.new_full((d,), cfg.noise_scale)  # (d,)
         loc = pyro.sample("loc", dist.Normal(m0, scale / math.sqrt(kappa0)).to_event(1))  # (..., d)
-        with data_plate(self.n_data, x, idx):
+        with data_plate(x):
             pyro.sample("x", dist.Normal(loc, scale).to_event(1), obs=x)  # (..., B, d)
 
-    def guide(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
-        self.approx(x, idx)
+    def guide(self, x: torch.Tensor) -> None:
+        self.approx(x)
 
     # -- exact answers -----------------------------------------------------------
 
@@ -597,7 +597,7 @@ class BayesianGaussian(PyroModule):
     def sample_guide(self, x: torch.Tensor, n_samples: int) -> dict:
         """``n_samples`` draws of the latent sites from the guide, vectorized: site -> (S, ...)."""
         with pyro.plate("guide_samples", n_samples, dim=-(self.max_plate_nesting + 1)):
-            tr = poutine.trace(self.guide).get_trace(x, None)
+            tr = poutine.trace(self.guide).get_trace(x)
         return {name: site["value"].reshape((n_samples,) + site["value"].shape[self.max_plate_nesting + 1:])
                 for name, site in tr.nodes.items()
                 if site["type"] == "sample" and not site["is_observed"]

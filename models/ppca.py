@@ -50,7 +50,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import nn
 from torch.distributions import constraints
 
-from models.common import ConfigError, PerDatapointMultivariateNormal, PerDatapointNormal, data_plate
+from elbolab.models.common import DATA_PLATE, ConfigError, PerDatapointMultivariateNormal, PerDatapointNormal, data_plate
 
 GUIDES = ("amortized-full", "amortized-diag", "per-datapoint", "per-datapoint-full")
 
@@ -87,7 +87,7 @@ class LinearGaussianEncoder(PyroModule):
         else:
             self.scale = PyroParam(torch.full((latent_dim,), init_scale), constraint=constraints.positive)
 
-    def dist(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dist.Distribution:
+    def dist(self, x: torch.Tensor) -> dist.Distribution:
         loc = self.linear(x)  # (B, k)
         if self.full:
             return dist.MultivariateNormal(loc, scale_tril=self.scale_tril)  # batch (B,), event (k,)
@@ -95,10 +95,11 @@ class LinearGaussianEncoder(PyroModule):
 
 
 class PPCA(PyroModule):
-    """The PPCA model and its guide; ``model(x, idx)`` / ``guide(x, idx)`` take x (B, d)."""
+    """The PPCA model and its guide; ``model(x)`` / ``guide(x)`` take x (B, d)."""
 
     likelihood = "gaussian"
     max_plate_nesting = 1
+    data_plate = DATA_PLATE
 
     def __init__(self, config: PPCAConfig, data_dim: int, n_data: int):
         super().__init__()
@@ -118,26 +119,23 @@ class PPCA(PyroModule):
         else:
             self.encoder = LinearGaussianEncoder(data_dim, k, config.guide == "amortized-full", config.init_scale)
 
-    @property
-    def amortized(self) -> bool:
-        """Whether the guide can infer rows it was not trained on."""
-        return self.encoder.amortized
-
-    def model(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+    def model(self, x: torch.Tensor) -> None:
         W, loc, noise_scale = self.W, self.loc, self.noise_scale  # (d, k), (d,), ()
-        with data_plate(self.n_data, x, idx):
+        with data_plate(x):
             prior = dist.Normal(x.new_zeros(()), 1.0).expand([self.latent_dim]).to_event(1)
             z = pyro.sample("z", prior)  # (..., B, k)
             pyro.sample("x", dist.Normal(z @ W.T + loc, noise_scale).to_event(1), obs=x)  # (..., B, d)
 
-    def guide(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
-        with data_plate(self.n_data, x, idx):
-            pyro.sample("z", self.guide_dist(x, idx))
+    def guide(self, x: torch.Tensor) -> None:
+        with data_plate(x) as rows:
+            pyro.sample("z", self.guide_dist(x, rows))
 
-    def guide_dist(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dist.Distribution:
-        """q(z | x): batch (B,), event (k,). Generic code asks the model, never the
-        encoder directly (the encoder reads x centred)."""
-        return self.encoder.dist(self.encoder_input(x), idx)
+    def guide_dist(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> dist.Distribution:
+        """q(z | x): batch (B,), event (k,); ``rows``: the rows' positions in the training
+        set (per-datapoint guides read them; default 0..B-1)."""
+        if self.encoder.amortized:
+            return self.encoder.dist(self.encoder_input(x))
+        return self.encoder.dist(torch.arange(x.shape[0]) if rows is None else rows)
 
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         """x centred at the model's loc, detached (see the module docstring)."""
@@ -191,16 +189,16 @@ class PPCA(PyroModule):
         """log p(x_i) per row (N,), float64."""
         return log_marginal(x, *self.params64())
 
-    def guide_moments(self, x: torch.Tensor, idx: torch.Tensor | None = None
+    def guide_moments(self, x: torch.Tensor, rows: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """The guide's q(z_i) = N(loc_i, cov_i): loc (B, k) and cov (B, k, k) or one
         shared (k, k), float64."""
         with torch.no_grad():
-            return gaussian_moments(self.guide_dist(x, idx))
+            return gaussian_moments(self.guide_dist(x, rows))
 
-    def exact_elbo(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    def exact_elbo(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The ELBO of each row under the current guide, in closed form (B,), float64."""
-        return gaussian_elbo(x, *self.params64(), *self.guide_moments(x, idx))
+        return gaussian_elbo(x, *self.params64(), *self.guide_moments(x, rows))
 
     def exact_elbo_of(self, x: torch.Tensor, q: dist.Distribution) -> torch.Tensor:
         """The ELBO of each row under any Gaussian q(z_i) (batch (B,), event (k,), e.g.
@@ -208,9 +206,9 @@ class PPCA(PyroModule):
         with torch.no_grad():
             return gaussian_elbo(x, *self.params64(), *gaussian_moments(q))
 
-    def exact_kl(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    def exact_kl(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """KL(q(z_i) || p(z_i | x_i)) of each row under the current guide (B,), float64."""
-        q_loc, q_cov = self.guide_moments(x, idx)
+        q_loc, q_cov = self.guide_moments(x, rows)
         p_loc, p_cov = self.exact_posterior(x)
         return kl_gaussians(q_loc, q_cov, p_loc, p_cov)
 

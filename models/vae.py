@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
 
-from models.common import ACTIVATIONS, BernoulliLogits, ConfigError, PerDatapointNormal, data_plate, mlp
+from elbolab.models.common import ACTIVATIONS, DATA_PLATE, BernoulliLogits, ConfigError, PerDatapointNormal, data_plate, mlp
 
 GUIDES = ("amortized", "per-datapoint")
 MIN_SCALE = 1e-4  # floor of the encoder's scale (a variance floor of 1e-8, as in the CS236 code)
@@ -91,7 +91,7 @@ class Encoder(PyroModule):
         loc, raw = h[..., : self.latent_dim], h[..., self.latent_dim :]
         return loc, F.softplus(raw) + MIN_SCALE  # (B, k), (B, k)
 
-    def dist(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dist.Distribution:
+    def dist(self, x: torch.Tensor) -> dist.Distribution:
         loc, scale = self.loc_scale(x)
         return dist.Normal(loc, scale).to_event(1)  # batch (B,), event (k,)
 
@@ -139,10 +139,11 @@ class DiagNormalMixture(dist.MixtureSameFamily):
 
 
 class VAE(PyroModule):
-    """The VAE with a N(0, I) prior; ``model(x, idx)`` / ``guide(x, idx)`` take x (B, D)."""
+    """The VAE with a N(0, I) prior; ``model(x)`` / ``guide(x)`` take x (B, D)."""
 
     likelihood = "bernoulli"
     max_plate_nesting = 1
+    data_plate = DATA_PLATE
 
     def __init__(self, config: VAEConfig, data_dim: int, n_data: int):
         super().__init__()
@@ -154,11 +155,6 @@ class VAE(PyroModule):
         else:
             self.encoder = Encoder(data_dim, k, tuple(config.hidden), config.activation)
 
-    @property
-    def amortized(self) -> bool:
-        """Whether the guide can infer rows it was not trained on."""
-        return self.encoder.amortized
-
     def _zeros(self, *shape: int) -> torch.Tensor:
         w = self.decoder[0].weight
         return w.new_zeros(shape)
@@ -168,19 +164,22 @@ class VAE(PyroModule):
         zero = self._zeros(self.latent_dim)
         return dist.Normal(zero, 1.0).to_event(1)
 
-    def model(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
-        with data_plate(self.n_data, x, idx):
+    def model(self, x: torch.Tensor) -> None:
+        with data_plate(x):
             z = pyro.sample("z", self.prior())  # (..., B, k)
             logits = self.decoder(z)  # (..., B, D)
             pyro.sample("x", BernoulliLogits(logits=logits).to_event(1), obs=x)  # (B, D)
 
-    def guide(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
-        with data_plate(self.n_data, x, idx):
-            pyro.sample("z", self.guide_dist(x, idx))  # (..., B, k)
+    def guide(self, x: torch.Tensor) -> None:
+        with data_plate(x) as rows:
+            pyro.sample("z", self.guide_dist(x, rows))  # (..., B, k)
 
-    def guide_dist(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dist.Distribution:
-        """q(z | x): batch (B,), event (k,)."""
-        return self.encoder.dist(x, idx)
+    def guide_dist(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> dist.Distribution:
+        """q(z | x): batch (B,), event (k,); ``rows``: the rows' positions in the training
+        set (the per-datapoint guide reads them; default 0..B-1)."""
+        if self.encoder.amortized:
+            return self.encoder.dist(x)
+        return self.encoder.dist(torch.arange(x.shape[0]) if rows is None else rows)
 
     # -- what pictures and evaluations use ------------------------------------------
 
@@ -195,9 +194,9 @@ class VAE(PyroModule):
         return self.prior().sample((n,))
 
     @torch.no_grad()
-    def latent_mean(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    def latent_mean(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """E_q[z | x] (B, k)."""
-        return self.guide_dist(x, idx).mean
+        return self.guide_dist(x, rows).mean
 
 
 class GMVAE(VAE):

@@ -1,1 +1,1 @@
-"""Command-line programs over ``models`` and ``inference`` (run as ``python -m scripts.NAME``)."""
+"""Command-line programs over ``models`` and ``inference``: the ``elbolab`` command's subcommands."""

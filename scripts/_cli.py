@@ -13,10 +13,10 @@ import os
 import sys
 from typing import Any, Callable
 
-from inference.errors import NonFiniteError, UsageError
-from inference.files import remove_temporaries
-from inference.loaders import BINARIZE, DATASETS, DataSplits, check_binary, check_unit_interval, load_dataset
-from models.common import ConfigError
+from elbolab.inference.errors import NonFiniteError, UsageError
+from elbolab.inference.files import remove_temporaries
+from elbolab.models.datasources import BINARIZE, DATASETS, DataSplits, check_binary, check_unit_interval, load_dataset
+from elbolab.models.common import ConfigError
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1

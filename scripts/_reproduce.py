@@ -9,11 +9,11 @@ import json
 import os
 import sys
 
-from inference.errors import UsageError
-from inference.files import atomic_write, save_json
-from inference.train import TrainConfig
-from scripts import _cli
-from scripts import fit as fit_script
+from elbolab.inference.errors import UsageError
+from elbolab.inference.files import atomic_write, save_json
+from elbolab.inference.train_config import TrainConfig
+from elbolab.scripts import _cli
+from elbolab.scripts import fit as fit_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MNIST = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "mnist"))

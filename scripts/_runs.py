@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-import models
-from inference.errors import UsageError
-from inference.loaders import DataSplits
-from inference.train import CHECKPOINT, load_checkpoint
-from scripts import _cli
+from elbolab import models
+from elbolab.inference.errors import UsageError
+from elbolab.models.datasources import DataSplits
+from elbolab.inference.checkpoints import CHECKPOINT, load_checkpoint
+from elbolab.scripts import _cli
 
 STATE_PREFIX = "model."  # the Lightning module holds the model as its attribute ``model``
 
@@ -50,7 +50,7 @@ def open_run(run_dir: str, out: str | None, threads: int | None) -> tuple[Run, s
     """What a script that re-reads a run does first: torch's thread count, the output
     directory (``out``, by default the run's own; refused if it is a file), glibc's
     allocator tuned, and the run loaded. Returns (run, output directory)."""
-    from inference.evaluate import tune_malloc
+    from elbolab.inference.evaluate import tune_malloc
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -74,8 +74,7 @@ def load_run(run_dir: str) -> Run:
         raise UsageError(f"{run_dir}/{CHECKPOINT}: no state_dict in the checkpoint")
     own = {k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
     with torch.no_grad():  # a warm-up pass creates any lazily built parameters
-        x0 = data.train[:1]
-        model.guide(x0, torch.arange(1))
+        model.guide(data.train[:1])
     try:
         model.load_state_dict(own, strict=True)
     except RuntimeError as e:

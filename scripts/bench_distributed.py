@@ -27,15 +27,15 @@ import subprocess
 import sys
 import time
 
-from scripts import _cli
+from elbolab.scripts import _cli
 
-PROG = "bench_distributed.py"
+PROG = "elbolab bench-distributed"
 TABLE_ROWS = 1_000_000  # the per-datapoint table of the issue: N = 1e6 rows ...
 TABLE_WIDTH = 20  # ... of latent_dim 20 (loc and scale: 2 x 20 floats a row)
 
 EXAMPLES = """examples:
-  python -m scripts.bench_distributed --out runs/bench-ddp
-  python -m scripts.bench_distributed --out runs/bench-ddp --reps 1 --skip-fits   # all-reduce and model only
+  elbolab bench-distributed --out runs/bench-ddp
+  elbolab bench-distributed --out runs/bench-ddp --reps 1 --skip-fits   # all-reduce and model only
 """
 
 
@@ -116,10 +116,11 @@ def worker(args) -> None:
     """One fit (re-run by Lightning in each extra process); rank 0 writes its timings."""
     import torch
 
-    import models
-    from inference import distributed
-    from inference.loaders import DataSplits
-    from inference.train import TrainConfig, fit
+    from elbolab import models
+    from elbolab.inference import distributed
+    from elbolab.models.datasources import DataSplits
+    from elbolab.inference.train import fit
+    from elbolab.inference.train_config import TrainConfig
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(args.seed)
@@ -174,7 +175,7 @@ CASES = [  # name, guide, rows, global batch, sparse rows
 def timed_fit(case, devices: int, steps: int, seed: int, tmp: str) -> dict:
     _, guide, rows, batch, sparse = case
     out = os.path.join(tmp, f"fit-{guide}-{devices}.json")
-    cmd = [sys.executable, "-m", "scripts.bench_distributed", "--worker", out, "--guide", guide, "--n-rows",
+    cmd = [sys.executable, "-m", "elbolab.scripts.bench_distributed", "--worker", out, "--guide", guide, "--n-rows",
            str(rows), "--batch-size", str(batch // devices), "--devices", str(devices), "--steps", str(steps),
            "--seed", str(seed)] + (["--sparse-rows"] if sparse else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -220,7 +221,7 @@ def model_workloads(batch_per_gpu: int = 100) -> list[tuple[str, float, float]]:
     workloads of the table: parameter counts of the actual model classes at d = 784."""
     import torch
 
-    import models
+    from elbolab import models
 
     def grad_bytes(guide: str, n: int) -> tuple[int, int]:
         torch.manual_seed(0)
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
-    from inference.files import atomic_write, save_json
+    from elbolab.inference.files import atomic_write, save_json
 
     with _cli.RunDir(args.out, overwrite=args.overwrite) as run_dir:
         tmp = run_dir.path

@@ -57,17 +57,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models
-from inference.errors import UsageError
-from inference.evaluate import chunk_sizes, importance_estimates, tune_malloc
-from inference.files import atomic_write, save_json
-from inference.loaders import DataSplits, load_dataset
-from inference.objectives import build_objective
-from inference.train import TrainConfig, adam, fit, flushed_denormals
-from models.vae import MIN_SCALE
-from scripts import _cli
+from elbolab import models
+from elbolab.inference.errors import UsageError
+from elbolab.inference.evaluate import chunk_sizes, importance_estimates, tune_malloc
+from elbolab.inference.files import atomic_write, save_json
+from elbolab.models.datasources import DataSplits, load_dataset
+from elbolab.inference.objectives import build_objective
+from elbolab.inference.traces import batch
+from elbolab.inference.lightning_module import adam, flushed_denormals
+from elbolab.inference.train import fit
+from elbolab.inference.train_config import TrainConfig
+from elbolab.models.vae import MIN_SCALE
+from elbolab.scripts import _cli
 
-PROG = "benchmark.py"
+PROG = "elbolab benchmark"
 SECTIONS = ("train", "threads", "iwae", "eval", "ppca", "growth", "cs236", "baseline")
 DEFAULT_SECTIONS = SECTIONS[:-1]  # the baseline needs --baseline REF
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,9 +79,9 @@ LOG_2PI = math.log(2 * math.pi)
 CS236 = {"latent_dim": 10, "hidden": [300, 300], "activation": "elu"}
 
 EXAMPLES = """examples:
-  python -m scripts.benchmark --out benchmarks --threads 1
-  python -m scripts.benchmark --sections train,iwae --reps 7 --out runs/bench
-  python -m scripts.benchmark --quick --out runs/bench-quick     # tiny sizes: checks the machinery
+  elbolab benchmark --out benchmarks --threads 1
+  elbolab benchmark --sections train,iwae --reps 7 --out runs/bench
+  elbolab benchmark --quick --out runs/bench-quick     # tiny sizes: checks the machinery
 """
 
 
@@ -237,7 +240,8 @@ def same_math(model, objective: str, K: int, x: torch.Tensor, n_data: int) -> fl
     obj = build_objective(objective, K)
     with torch.no_grad(), pyro.validation_enabled(False):
         torch.manual_seed(123)
-        ours = float(obj(model.model, model.guide, x, torch.arange(x.shape[0])))
+        with batch(model, x, torch.arange(x.shape[0])):
+            ours = float(obj(model.model, model.guide, x))
         torch.manual_seed(123)
         theirs = float(hand.loss(x, n_data, objective, K))
     return abs(ours - theirs) / abs(theirs)
@@ -302,7 +306,8 @@ def objective_side(build, x, batch_size, dynamic, objective, K=1, epochs=1, step
 
         def step(xb, idx):
             opt.zero_grad(set_to_none=True)
-            obj(model.model, model.guide, xb, idx).backward()
+            with batch(model, xb, idx):
+                obj(model.model, model.guide, xb).backward()
             opt.step()
 
         with pyro.validation_enabled(False), flushed_denormals():
@@ -318,17 +323,22 @@ def svi_side(build, x, batch_size, dynamic, objective, epochs=1):
         model = build()
         pyro.clear_param_store()
 
-        def model_fn(xb, idx):
+        def model_fn(xb):
             pyro.module("vae", model)
-            model.model(xb, idx)
+            model.model(xb)
 
-        def guide_fn(xb, idx):
+        def guide_fn(xb):
             pyro.module("vae", model)
-            model.guide(xb, idx)
+            model.guide(xb)
 
         elbo = pyro.infer.TraceMeanField_ELBO() if objective == "elbo-analytic" else pyro.infer.Trace_ELBO()
         svi = pyro.infer.SVI(model_fn, guide_fn, pyro.optim.Adam({"lr": 1e-3}), elbo)
-        return time_loop(lambda xb, idx: svi.step(xb, idx), x, batch_size, dynamic, epochs)
+
+        def step(xb, idx):
+            with batch(model, xb, idx):  # the mini-batch scaled to the data set
+                svi.step(xb)
+
+        return time_loop(step, x, batch_size, dynamic, epochs)
 
     return run
 
@@ -557,7 +567,7 @@ def ppca_section(args, data: Data) -> dict:
     """Seconds until PPCA is within 0.01 nats per datapoint of the closed-form optimum."""
     import lightning.pytorch as pl
 
-    from models import ppca
+    from elbolab.models import ppca
 
     d = load_dataset("digits")
     d = replace(d, val=d.val[:0])
@@ -713,7 +723,7 @@ def cs236_section(args, data: Data) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("vae",) if args.quick else ("vae", "gmvae"):
             run_out = os.path.join(tmp, name)
-            cmd = [sys.executable, "-m", "scripts.reproduce_cs236", "--data-dir", args.data_dir, "--out", run_out,
+            cmd = [sys.executable, "-m", "elbolab.scripts.reproduce_cs236", "--data-dir", args.data_dir, "--out", run_out,
                    "--threads", str(args.threads), "--models", name, "--steps", str(steps),
                    "--n-samples", str(n_samples), "--no-progress"]
             t0 = time.perf_counter()
@@ -726,7 +736,7 @@ def cs236_section(args, data: Data) -> dict:
             with open(os.path.join(run_out, "metrics.json")) as f:
                 m = json.load(f)["runs"][name]
             out[name] = {"steps": steps, "n_samples": n_samples, "training_seconds": m["seconds"],
-                         "wall_seconds": wall, "command": "python -m scripts.reproduce_cs236 " + " ".join(cmd[3:])}
+                         "wall_seconds": wall, "command": "elbolab reproduce-cs236 " + " ".join(cmd[3:])}
             print(f"[cs236] {name}: {steps} steps trained in {m['seconds']:.0f} s; the whole run {wall:.0f} s",
                   file=sys.stderr)
     return out
@@ -739,10 +749,11 @@ import json, sys, time
 src, spec = sys.argv[1], json.loads(sys.argv[2])
 sys.path.insert(0, src)
 import torch, pyro, lightning.pytorch as pl
-import models
-from inference.evaluate import importance_estimates, tune_malloc
-from inference.loaders import load_dataset
-from inference.train import TrainConfig, fit
+from elbolab import models
+from elbolab.inference.evaluate import importance_estimates, tune_malloc
+from elbolab.models.datasources import load_dataset
+from elbolab.inference.train import fit
+from elbolab.inference.train_config import TrainConfig
 torch.set_num_threads(spec["threads"])
 tune_malloc()
 d = load_dataset("mnist", data_dir=spec["data_dir"], binarize="dynamic", val_fraction=0.0)
@@ -940,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     tune_malloc()
     data = Data(args.data_dir)
-    cmd = "python -m scripts.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "elbolab benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict = {"command": cmd.strip(), "machine": machine(args.threads), "reps": args.reps,
                      "load_average_before": loadavg()}
     t0 = time.perf_counter()

@@ -37,16 +37,18 @@ from collections.abc import Callable
 
 import torch
 
-import models
-from inference.errors import UsageError
-from inference.evaluate import tune_malloc
-from inference.files import atomic_write, save_json
-from inference.gaps import decompose, to_dict
-from inference.guides import LocalGuide, PerDatapointGuide, SemiAmortizedGuide, materialize, optimize_local
-from inference.train import TrainConfig, check_config_for_data, fit
-from scripts import _cli
+from elbolab import models
+from elbolab.inference.errors import UsageError
+from elbolab.inference.evaluate import tune_malloc
+from elbolab.inference.files import atomic_write, save_json
+from elbolab.inference.gaps import decompose, to_dict
+from elbolab.inference.traces import guide_posterior, infers_new_rows
+from elbolab.inference.guides import LocalGuide, PerDatapointGuide, SemiAmortizedGuide, materialize, optimize_local
+from elbolab.inference.train import fit
+from elbolab.inference.train_config import TrainConfig, check_config_for_data
+from elbolab.scripts import _cli
 
-PROG = "compare_guides.py"
+PROG = "elbolab compare-guides"
 FAMILIES = ("ppca", "vae", "gmvae")
 GUIDES = {
     "ppca": ("amortized", "amortized-full", "semi-amortized", "per-datapoint", "per-datapoint-full"),
@@ -63,9 +65,9 @@ FAMILY_DEFAULTS = {
 MODEL_FIELDS = ("latent_dim", "hidden", "activation", "n_components")
 
 EXAMPLES = """examples:
-  python -m scripts.compare_guides --out runs/compare
-  python -m scripts.compare_guides --model vae --epochs 50 --n-samples 5000 --out runs/compare-vae
-  python -m scripts.compare_guides --model vae --dataset mnist --data-dir ../shared/data/mnist \\
+  elbolab compare-guides --out runs/compare
+  elbolab compare-guides --model vae --epochs 50 --n-samples 5000 --out runs/compare-vae
+  elbolab compare-guides --model vae --dataset mnist --data-dir ../shared/data/mnist \\
       --latent-dim 10 --hidden 300,300 --epochs 10 --n-rows 200 --n-samples 5000 --threads 1 --out runs/compare-mnist
 """
 
@@ -185,12 +187,11 @@ def closed_form_gap(model, family: str) -> float | None:
     exact posterior, the same for every row)."""
     if family != "ppca":
         return None
-    from models import ppca
+    from elbolab.models import ppca
 
     base = model.base if isinstance(model, LocalGuide) else model
     _, cov = base.exact_posterior(torch.zeros(1, base.data_dim))
-    with torch.no_grad():
-        q = model.guide_dist(torch.zeros(1, base.data_dim), torch.zeros(1, dtype=torch.long))
+    q = guide_posterior(model, torch.zeros(1, base.data_dim), torch.zeros(1, dtype=torch.long))
     if isinstance(q, torch.distributions.MultivariateNormal):
         return 0.0
     zero = torch.zeros(base.latent_dim, dtype=torch.float64)
@@ -212,12 +213,12 @@ def study_guide(family: str, guide: str, values: dict, train: TrainConfig, data,
     out: dict = {"training": {"steps": result.steps, "epochs": result.epochs, "seconds": train_seconds,
                               "final_train_loss": result.final_loss}}
     full = None
+    new_rows = infers_new_rows(model, data.train)
     for i, (split, (x, rows)) in enumerate(splits.items()):
         seed = args.seed + 10 * i
-        if split == "train" or model.amortized:
+        if split == "train" or new_rows:
             t0 = time.perf_counter()
-            with torch.no_grad():
-                model.guide_dist(x, rows)  # what inferring these rows costs: one pass of the guide
+            guide_posterior(model, x, rows)  # what inferring these rows costs: one pass of the guide
             infer_seconds = time.perf_counter() - t0
             q = materialize(model, x, rows)  # the guide's q for these rows, fixed (a refinement is random)
             full = q.full
@@ -292,7 +293,7 @@ def gap_chart(results: dict, path: str, title: str) -> None:
     (bottom) + amortization gap (top) = inference gap (error bar: ±2 standard errors)."""
     import numpy as np
 
-    from inference.plots import plt, save_figure
+    from elbolab.inference.plots import plt, save_figure
 
     fams = list(results)
     fig, axes = plt.subplots(1, len(fams), figsize=(4.2 * len(fams) + 1, 4.6), squeeze=False)
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None, on_trained: Callable[[str, str], None] |
             raise UsageError(f"--local-particles {args.local_particles} x {datas[fam].data_dim} data dimensions "
                              "is too large for one tensor")
     t_start = time.perf_counter()
-    cmd = "python -m scripts.compare_guides " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "elbolab compare-guides " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict = {}
     with run_dir:
         for fam in families:

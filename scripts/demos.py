@@ -1,6 +1,6 @@
 """The course notes' identities, each measured: a table of left side, right side, their
 difference, the standard error of a Monte Carlo side, the tolerance used, and whether the
-statement holds (inference/identities.py has the statements and their reasons).
+statement holds (scripts/identities.py has the statements and their reasons).
 
 Writes into --out DIR: metrics.json (every row with its details), demos.md (the table,
 the notes under it and the sub-tables) and the figures iwae_vs_k.png, bimodal_fit.png and
@@ -19,19 +19,19 @@ import time
 
 import torch
 
-from inference import identities as ids
-from inference.errors import UsageError
-from inference.files import atomic_write, save_json
-from inference.plots import save_figure
-from models.vae import VAE, VAEConfig
-from scripts import _cli
+from elbolab.scripts import identities as ids
+from elbolab.inference.errors import UsageError
+from elbolab.inference.files import atomic_write, save_json
+from elbolab.inference.plots import save_figure
+from elbolab.models.vae import VAE, VAEConfig
+from elbolab.scripts import _cli
 
 import matplotlib.pyplot as plt  # noqa: E402  (inference.plots selected the Agg backend)
 
-PROG = "demos.py"
+PROG = "elbolab demos"
 EXAMPLES = """examples:
-  python -m scripts.demos --out runs/demos
-  python -m scripts.demos --data X.npy --latent-dim 3 --out runs/demos-mine --overwrite
+  elbolab demos --out runs/demos
+  elbolab demos --data X.npy --latent-dim 3 --out runs/demos-mine --overwrite
 """
 
 # sample sizes: (full, --quick)
@@ -211,7 +211,7 @@ def run(args, out: str) -> dict:
         xb = binarized(evaluation[:10])
         vae = small_vae(data.data_dim, xb.shape[0])
         return ids.reparameterization_vs_score(vae.model, vae.guide, list(vae.encoder.parameters()),
-                                               (xb, None), "small Bernoulli VAE (models.vae) at initialization", ("6d",),
+                                               (xb,), "small Bernoulli VAE (models.vae) at initialization", ("6d",),
                                                n_groups=n["grad_groups"], seed=seed)
 
     stage("6 gradients, VAE", vae_rows)

@@ -32,23 +32,25 @@ import time
 import numpy as np
 import torch
 
-from inference import diagnostics as D
-from inference import diagnostic_plots as P
-from inference.errors import UsageError
-from inference.evaluate import global_latent_sites, importance_estimates, whole_set_log_weights
-from inference.files import atomic_write, save_json
-from inference.mcmc import run_nuts
-from scripts import _cli, _runs
+from elbolab.inference import diagnostics as D
+from elbolab.inference import diagnostic_plots as P
+from elbolab.inference.errors import UsageError
+from elbolab.inference.evaluate import global_latent_sites, importance_estimates
+from elbolab.inference.traces import infers_new_rows, whole_set_log_weights
+from elbolab.models.protocol import ExactLikelihood
+from elbolab.inference.files import atomic_write, save_json
+from elbolab.inference.mcmc import run_nuts
+from elbolab.scripts import _cli, _runs
 
-PROG = "diagnose.py"
+PROG = "elbolab diagnose"
 NUTS_MAX_DIM = 100  # NUTS (dense mass matrix) runs for global latents of at most this many dimensions
 MD_ROWS = 40  # summary lines per posterior in summary.md (summary.csv has them all)
 PLOT_ROWS = 3  # rows of per-row latents in the forest / pair / posterior plots
 
 EXAMPLES = """examples:
-  python -m scripts.diagnose runs/ppca
-  python -m scripts.diagnose runs/vae --max-rows 200 --draws 200 --n-samples 5000 --out runs/vae-diag
-  python -m scripts.diagnose runs/bayes --nuts-samples 1000 --nuts-chains 4
+  elbolab diagnose runs/ppca
+  elbolab diagnose runs/vae --max-rows 200 --draws 200 --n-samples 5000 --out runs/vae-diag
+  elbolab diagnose runs/bayes --nuts-samples 1000 --nuts-chains 4
 """
 
 
@@ -82,8 +84,8 @@ def _rows(run, split: str | None, max_rows: int, global_latents: bool):
                              f"--split {split} does not apply")
         split = "train"
     elif split is None:
-        split = "test" if getattr(model, "amortized", True) and data.test.shape[0] else "train"
-    elif split != "train" and not getattr(model, "amortized", True):
+        split = "test" if infers_new_rows(model, data.train) and data.test.shape[0] else "train"
+    elif split != "train" and not infers_new_rows(model, data.train):
         raise UsageError(f"{run.path}: the run's guide is per-datapoint and cannot infer {split} rows; "
                          "use --split train")
     x = getattr(data, split)
@@ -157,10 +159,9 @@ def diagnose(run, split=None, max_rows=500, draws=100, chains=1, n_samples=1000,
         numbers["importance_log_likelihood"] = {**est["log_likelihood"].to_dict(), "n_samples": n_samples,
                                                 "pareto_k": pk.summary()}
         numbers["importance_elbo"] = est["elbo"].to_dict()
-        exact_ll = getattr(model, "exact_log_likelihood", None)
-        if exact_ll is not None:
+        if isinstance(model, ExactLikelihood):
             with torch.no_grad():
-                numbers["exact_log_likelihood"] = float(exact_ll(x).mean())
+                numbers["exact_log_likelihood"] = float(model.exact_log_likelihood(x).mean())
     # LOO and WAIC from the log_likelihood group
     loos = {}
     for name, post in posteriors.items():

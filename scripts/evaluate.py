@@ -16,18 +16,19 @@ import time
 
 import torch
 
-from inference.diagnostics import ParetoK, reliability_note
-from inference.errors import UsageError
-from inference.evaluate import active_units, importance_estimates
-from inference.files import save_json
-from scripts import _cli, _runs
+from elbolab.inference.diagnostics import ParetoK, reliability_note
+from elbolab.inference.errors import UsageError
+from elbolab.inference.evaluate import active_units, importance_estimates
+from elbolab.inference.files import save_json
+from elbolab.inference.traces import infers_new_rows, latent_names
+from elbolab.scripts import _cli, _runs
 
-PROG = "evaluate.py"
+PROG = "elbolab evaluate"
 EVALUATION = "evaluation.json"
 
 EXAMPLES = """examples:
-  python -m scripts.evaluate runs/vae --n-samples 5000
-  python -m scripts.evaluate runs/vae --n-samples 100 --split val --out runs/vae-eval
+  elbolab evaluate runs/vae --n-samples 5000
+  elbolab evaluate runs/vae --n-samples 100 --split val --out runs/vae-eval
 """
 
 
@@ -58,7 +59,7 @@ def evaluate(run: _runs.Run, split: str, n_samples: int, seed: int = 0, max_rows
         rows = torch.arange(data.n_train)
         if data.binarize == "dynamic":  # one fixed draw of the training rows' binarization
             x = torch.bernoulli(x, generator=torch.Generator().manual_seed(0))
-    elif not getattr(model, "amortized", True):
+    elif not infers_new_rows(model, data.train):
         raise UsageError(f"{run.path}: the run's guide is per-datapoint and cannot infer {split} rows; "
                          "use --split train")
     if x.shape[0] == 0:
@@ -78,7 +79,7 @@ def evaluate(run: _runs.Run, split: str, n_samples: int, seed: int = 0, max_rows
         "elbo": est["elbo"].to_dict(), "recon": est["recon"].to_dict(), "kl": est["kl"].to_dict(),
         "seconds": seconds,
     }
-    if hasattr(model, "encoder"):
+    if len(latent_names(model, x[:1], None if rows is None else rows[:1])[0]) == 1:
         out["active_units"] = active_units(model, x, rows)
     if per_row:
         out["log_likelihood_per_row"] = [float(v) for v in est["log_likelihood"].values]
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, EVALUATION)
     save_json(result, path)
-    from inference.diagnostic_plots import pareto_k_plot
+    from elbolab.inference.diagnostic_plots import pareto_k_plot
 
     pareto_k_plot(pareto.values, os.path.join(out_dir, "evaluation_pareto_k.png"),
                   f"{run.spec['model']} {args.split} rows: Pareto k of each row's importance weights", args.n_samples)

@@ -23,18 +23,21 @@ import time
 
 import torch
 
-import models
-from inference.errors import UsageError
-from inference import distributed
-from inference.diagnostics import ParetoK, compose, reliability_note
-from inference.evaluate import (IWAELadder, active_units, elbo_estimate, elbo_terms, global_latent_sites,
+from elbolab import models
+from elbolab.inference.errors import UsageError
+from elbolab.inference import distributed
+from elbolab.inference.diagnostics import ParetoK, compose, reliability_note
+from elbolab.inference.evaluate import (IWAELadder, active_units, elbo_estimate, elbo_terms, global_latent_sites,
                                  importance_estimates, tune_malloc)
-from inference.files import save_json
-from inference.train import (CHECKPOINT, MAX_TENSOR_ELEMENTS, TrainConfig, check_checkpoint, check_config_for_data,
-                             check_objective_for_model, fit, rows_per_batch)
-from scripts import _cli
+from elbolab.inference.files import save_json
+from elbolab.inference.traces import infers_new_rows, latent_names
+from elbolab.models.protocol import ClosedForms
+from elbolab.inference.checkpoints import CHECKPOINT, check_checkpoint
+from elbolab.inference.train import check_objective_for_model, fit
+from elbolab.inference.train_config import MAX_TENSOR_ELEMENTS, TrainConfig, check_config_for_data, rows_per_batch
+from elbolab.scripts import _cli
 
-PROG = "fit.py"
+PROG = "elbolab fit"
 MODEL_FLAGS = {  # CLI flag -> Config field; a flag the chosen model has no field for is an error
     "guide": "guide", "latent_dim": "latent_dim", "hidden": "hidden", "activation": "activation",
     "n_components": "n_components", "prior": "prior",
@@ -43,15 +46,15 @@ RESUME_FLAGS = {"epochs", "steps", "threads", "progress", "resume", "n_samples"}
 N_SAMPLES = 1000  # default importance samples per row for the test log-likelihood
 
 EXAMPLES = """examples:
-  python -m scripts.fit --model ppca --latent-dim 10 --out runs/ppca
-  python -m scripts.fit --model ppca --data X.npy --latent-dim 3 --out runs/mine
-  python -m scripts.fit --model gaussian --data X.npy --guide structured --steps 400 --lr 0.1 --lr-final 1e-4 \\
+  elbolab fit --model ppca --latent-dim 10 --out runs/ppca
+  elbolab fit --model ppca --data X.npy --latent-dim 3 --out runs/mine
+  elbolab fit --model gaussian --data X.npy --guide structured --steps 400 --lr 0.1 --lr-final 1e-4 \\
       --n-particles 8 --out runs/bayes
-  python -m scripts.fit --model vae --objective iwae --n-particles 5 --out runs/vae
-  python -m scripts.fit --model gmvae --dataset mnist --data-dir ../shared/data/mnist \\
+  elbolab fit --model vae --objective iwae --n-particles 5 --out runs/vae
+  elbolab fit --model gmvae --dataset mnist --data-dir ../shared/data/mnist \\
       --hidden 300,300 --activation elu --latent-dim 10 --n-components 500 --steps 20000 --out runs/gmvae
-  python -m scripts.fit --resume runs/ppca --epochs 50
-  python -m scripts.fit --model ppca --devices 2 --strategy ddp --batch-size 50 --out runs/ddp
+  elbolab fit --resume runs/ppca --epochs 50
+  elbolab fit --model ppca --devices 2 --strategy ddp --batch-size 50 --out runs/ddp
 """
 
 
@@ -181,7 +184,7 @@ def run(spec: dict, out: str, overwrite: bool, resume: bool) -> dict:
         if distributed.rank_and_world()[0] != 0:
             return metrics
         save_json(metrics, run_dir.file("metrics.json"))
-        from inference.plots import loss_curve, model_pictures
+        from elbolab.inference.plots import loss_curve, model_pictures
 
         ref = metrics.get("mle_log_likelihood")
         loss_curve(result.history, result.validations, run_dir.file("loss_curve.png"),
@@ -189,7 +192,7 @@ def run(spec: dict, out: str, overwrite: bool, resume: bool) -> dict:
                    reference_label="closed-form max log-likelihood" if ref is not None else "")
         model_pictures(model, data, out, name=f"{spec['model']} / {train.objective}", seed=train.seed)
         if pareto.n:
-            from inference.diagnostic_plots import pareto_k_plot
+            from elbolab.inference.diagnostic_plots import pareto_k_plot
 
             pareto_k_plot(pareto.values, run_dir.file("pareto_k.png"), f"{spec['model']} / {train.objective} on "
                           f"{data.name}: Pareto k of each test row's importance weights", pareto.n_samples)
@@ -201,7 +204,8 @@ def evaluate_run(model, data, spec, result, pareto: ParetoK | None = None) -> di
     k = spec["eval"]["eval_particles"]
     model.eval()
     splits = {"train": (data.train, torch.arange(data.n_train))}
-    if getattr(model, "amortized", True):
+    new_rows = infers_new_rows(model, data.train)
+    if new_rows:
         splits.update({"val": (data.val, None), "test": (data.test, None)})
     metrics: dict = {
         "model": spec["model"], "config": spec, "data": data.describe(),
@@ -227,15 +231,14 @@ def evaluate_run(model, data, spec, result, pareto: ParetoK | None = None) -> di
         metrics[f"{name}_elbo"] = est["elbo"].to_dict()
         metrics[f"{name}_recon"] = est["recon"].to_dict()
         metrics[f"{name}_kl"] = est["kl"].to_dict()
-    extra = getattr(model, "closed_form_metrics", None)
-    if extra is not None:
-        metrics.update(extra(data))
+    if isinstance(model, ClosedForms):
+        metrics.update(model.closed_form_metrics(data))
     if "train_log_evidence" in metrics and "train_elbo" in metrics:
         # an exact log evidence log p(X) (global latents): its gap to the ELBO is KL(q || p(theta | X))
         elbo = metrics["train_elbo"]
         kl = metrics["train_log_evidence"] - elbo["mean"]
         metrics["train_kl_to_posterior"] = {"mean": kl, "se": elbo["se"], "total_nats": kl * data.n_train}
-    if getattr(model, "amortized", True) and not global_latents and data.test.shape[0]:
+    if new_rows and not global_latents and data.test.shape[0]:
         metrics.update(test_likelihood_metrics(model, data.test, spec["eval"].get("n_samples", N_SAMPLES),
                                                seed=spec["train"]["seed"] + 2, exact="test_log_likelihood" in metrics,
                                                pareto=pareto))
@@ -262,7 +265,7 @@ def test_likelihood_metrics(model, x, n_samples: int, seed: int, exact: bool = F
            "test_importance": {"n_samples": n_samples, **{t: est[t].to_dict() for t in ("elbo", "recon", "kl")},
                                "iwae": {str(m): e.to_dict() for m, e in ladder.estimates().items()},
                                "pareto_k": pareto_k}}
-    if hasattr(model, "guide_dist"):
+    if len(latent_names(model, x[:1])[0]) == 1:
         au = active_units(model, x)
         out["test_active_units"] = {k: au[k] for k in ("active_units", "latent_dim", "threshold")}
     return out

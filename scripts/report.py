@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from inference.errors import UsageError
-from inference.files import atomic_write, save_json
-from inference.loaders import load_dataset
-from scripts import _cli
-from scripts import fit as fit_script
-from scripts._document import Document
+from elbolab.inference.errors import UsageError
+from elbolab.inference.files import atomic_write, save_json
+from elbolab.models.datasources import load_dataset
+from elbolab.scripts import _cli
+from elbolab.scripts import fit as fit_script
+from elbolab.scripts._document import Document
 
-PROG = "report.py"
+PROG = "elbolab report"
 STAGES = ("ppca", "gaussian", "vae", "gaps", "identities")
 
 # Training budgets per data set: the digits run is the main job (minutes on 2 cores);
@@ -66,8 +66,8 @@ QUICK = {"ppca_steps": 60, "gaussian_steps": 60, "vae_epochs": 2, "n_samples": 5
 
 
 def build_parser():
-    p = _cli.parser(PROG, __doc__, "examples:\n  python -m scripts.report --out runs/report\n"
-                    "  python -m scripts.report --dataset mnist --data-dir ../shared/data/mnist --out runs/report-mnist\n")
+    p = _cli.parser(PROG, __doc__, "examples:\n  elbolab report --out runs/report\n"
+                    "  elbolab report --dataset mnist --data-dir ../shared/data/mnist --out runs/report-mnist\n")
     p.add_argument("--dataset", default="digits", choices=("digits", "mnist", "fashion-mnist"),
                    help="data set for the whole study")
     p.add_argument("--data-dir", metavar="DIR", default=None, help="IDX files for mnist / fashion-mnist")
@@ -114,9 +114,9 @@ class Study:
 
 
 def diagnose(study: "Study", name: str, *flags: str) -> dict:
-    """scripts.diagnose on the run OUT/name (InferenceData, Pareto k, LOO, predictive checks,
+    """elbolab.scripts.diagnose on the run OUT/name (InferenceData, Pareto k, LOO, predictive checks,
     written into that run directory); returns its diagnostics.json."""
-    from scripts import diagnose as diagnose_script
+    from elbolab.scripts import diagnose as diagnose_script
 
     run_dir = os.path.join(study.out, name)
     argv = [run_dir, "--seed", str(study.seed), "--n-samples", str(max(21, study.budget["n_samples"])), *flags]
@@ -153,7 +153,7 @@ def _pm(est: dict | None, digits: int = 2) -> str:
 
 
 def stage_ppca(study: Study, doc: Document) -> str:
-    from models import ppca
+    from elbolab.models import ppca
 
     k = 10 if study.args.dataset == "digits" else 20
     data = study.data("none")
@@ -332,7 +332,7 @@ def stage_vae(study: Study, doc: Document) -> str:
     return f"{len(rows)} fits; best test log-likelihood {best[1]:.2f} ({best[0]})" if best else f"{len(rows)} fits"
 
 def stage_gaps(study: Study, doc: Document) -> str:
-    from scripts import compare_guides
+    from elbolab.scripts import compare_guides
 
     a, out = study.args, os.path.join(study.out, "gaps")
     argv = ["--dataset", a.dataset, "--out", out, "--overwrite", "--seed", str(study.seed),
@@ -386,8 +386,8 @@ def stage_gaps(study: Study, doc: Document) -> str:
 
 
 def stage_identities(study: Study, doc: Document) -> str:
-    from inference import identities as ids
-    from scripts import demos
+    from elbolab.scripts import identities as ids
+    from elbolab.scripts import demos
 
     args = argparse.Namespace(dataset=study.args.dataset, data=None, data_dir=study.args.data_dir,
                               binarize="none", val_fraction=0.1, latent_dim=2, quick=study.args.quick,
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         doc.table(["stage", "seconds"], [[n, f"{study.summary['stages'][n]['seconds']:.1f}"] for n in stages]
                   + [["total", f"{total:.1f}"]])
         doc.para(f"Seed {args.seed}; torch threads {torch.get_num_threads()}. Reproduce with "
-                 f"`python -m scripts.report --dataset {args.dataset} --out {args.out}`.")
+                 f"`elbolab report --dataset {args.dataset} --out {args.out}`.")
         study.summary["seconds"] = total
         save_json(study.summary, run_dir.file("summary.json"))
         md, page = write_report(doc, args.out)

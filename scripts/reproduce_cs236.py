@@ -20,13 +20,13 @@ import time
 
 import torch
 
-from inference.diagnostics import reliability_note
-from inference.errors import UsageError
-from inference.evaluate import tune_malloc
-from inference.train import TrainConfig
-from scripts import _cli, _reproduce
+from elbolab.inference.diagnostics import reliability_note
+from elbolab.inference.errors import UsageError
+from elbolab.inference.evaluate import tune_malloc
+from elbolab.inference.train_config import TrainConfig
+from elbolab.scripts import _cli, _reproduce
 
-PROG = "reproduce_cs236.py"
+PROG = "elbolab reproduce-cs236"
 PUBLISHED = {  # CS236 homework 2 grader targets (nats; lower is better)
     "vae": {"NELBO": 100.0, "KL": 19.5, "Rec": 82.0, "IWAE-1": 99.0, "IWAE-10": 97.0, "IWAE-100": 96.0,
             "IWAE-1000": 95.0},
@@ -35,8 +35,8 @@ PUBLISHED = {  # CS236 homework 2 grader targets (nats; lower is better)
 ROWS = ("NELBO", "KL", "Rec", "IWAE-1", "IWAE-10", "IWAE-100", "IWAE-1000")
 
 EXAMPLES = """examples:
-  python -m scripts.reproduce_cs236 --data-dir ../shared/data/mnist --out runs/cs236 --threads 1
-  python -m scripts.reproduce_cs236 --steps 2000 --n-samples 100 --out runs/cs236-short
+  elbolab reproduce-cs236 --data-dir ../shared/data/mnist --out runs/cs236 --threads 1
+  elbolab reproduce-cs236 --steps 2000 --n-samples 100 --out runs/cs236-short
 """
 
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                             epochs=None, seed=args.seed, threads=args.threads, progress=args.progress)
         results[name] = _reproduce.train(name, name, config, train, data, args.n_samples, args)
     vals = {name: ours(m) for name, m in results.items()}
-    cmd = "python -m scripts.reproduce_cs236 " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "elbolab reproduce-cs236 " + " ".join(argv if argv is not None else sys.argv[1:])
     header = ["quantity (nats, lower is better)"]
     for name in names:
         label = "VAE" if name == "vae" else f"GMVAE (k = {args.n_components})"

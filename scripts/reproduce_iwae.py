@@ -27,22 +27,22 @@ import time
 
 import torch
 
-from inference.diagnostics import reliability_note
-from inference.errors import UsageError
-from inference.evaluate import tune_malloc
-from inference.files import save_json
-from inference.train import TrainConfig
-from scripts import _cli, _reproduce, _runs
-from scripts import evaluate as evaluate_script
+from elbolab.inference.diagnostics import reliability_note
+from elbolab.inference.errors import UsageError
+from elbolab.inference.evaluate import tune_malloc
+from elbolab.inference.files import save_json
+from elbolab.inference.train_config import TrainConfig
+from elbolab.scripts import _cli, _reproduce, _runs
+from elbolab.scripts import evaluate as evaluate_script
 
-PROG = "reproduce_iwae.py"
+PROG = "elbolab reproduce-iwae"
 PUBLISHED_NLL = {("vae", 1): 86.76, ("vae", 5): 86.47, ("vae", 50): 86.35,
                  ("iwae", 1): 86.76, ("iwae", 5): 85.54, ("iwae", 50): 84.78}
 PAPER_EPOCHS = 3280
 
 EXAMPLES = """examples:
-  python -m scripts.reproduce_iwae --data-dir ../shared/data/mnist --out runs/iwae --epochs 10 --threads 1
-  python -m scripts.reproduce_iwae --epochs 1 --ks 1,5 --test-rows 200 --n-samples 500 --out runs/iwae-short
+  elbolab reproduce-iwae --data-dir ../shared/data/mnist --out runs/iwae --epochs 10 --threads 1
+  elbolab reproduce-iwae --epochs 1 --ks 1,5 --test-rows 200 --n-samples 500 --out runs/iwae-short
 """
 
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             pub = PUBLISHED_NLL.get(("iwae", k), math.nan) - PUBLISHED_NLL.get(("vae", k), math.nan)
             gaps.append([str(k), "—" if math.isnan(pub) else f"{pub:+.2f}", _reproduce.pm(*d)])
             ours[f"iwae-minus-vae-k{k}"] = d
-    cmd = "python -m scripts.reproduce_iwae " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "elbolab reproduce-iwae " + " ".join(argv if argv is not None else sys.argv[1:])
     n_test = metrics["vae-k1"]["data"]["n_test"]
     tab = _reproduce.table(
         ["model", "K (training)", "published NLL (3280 epochs)", f"ours: test NLL ± s.e. ({args.epochs} epochs)",

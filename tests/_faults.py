@@ -18,8 +18,8 @@ import lightning.pytorch  # noqa: F401  (preloaded for the children)
 import sklearn.datasets  # noqa: F401
 import torch
 
-from inference.train import atomic_torch_save, load_checkpoint
-from scripts import fit as fit_script
+from elbolab.inference.checkpoints import atomic_torch_save, load_checkpoint
+from elbolab.scripts import fit as fit_script
 
 PAYLOAD = 1 << 18  # float32 values per checkpoint in the write loop (1 MiB)
 PAUSE_POINTS = ("mkstemp", "fsync", "replace", "renamed")

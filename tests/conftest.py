@@ -11,7 +11,7 @@ import pyro
 import pytest
 import torch
 
-import models  # noqa: F401  (sets module-local parameters)
+from elbolab import models  # noqa: F401  (sets module-local parameters)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -34,8 +34,15 @@ def _fresh_state():
 
 
 def run_script(name: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m scripts.NAME ARGS`` from the repository root; capture its output."""
-    return subprocess.run([sys.executable, "-m", f"scripts.{name}", *args], cwd=ROOT, capture_output=True,
+    """Run the program ``elbolab.scripts.NAME`` with ARGS in a process of its own, from the
+    repository root; capture its output."""
+    return subprocess.run([sys.executable, "-m", f"elbolab.scripts.{name}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_elbolab(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``elbolab ARGS`` (the console command's entry point) in a process of its own."""
+    return subprocess.run([sys.executable, "-m", "elbolab.scripts.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -28,12 +28,14 @@ if ROOT not in sys.path:
 
 import lightning.pytorch as pl  # noqa: E402
 
-import models  # noqa: E402
-from inference import distributed, loaders  # noqa: E402
-from inference.evaluate import elbo_terms  # noqa: E402
-from inference.train import TrainConfig, fit  # noqa: E402
-from models.common import data_plate  # noqa: E402
-from models.ppca import PPCA, PPCAConfig  # noqa: E402
+from elbolab import models  # noqa: E402
+from elbolab.inference import distributed  # noqa: E402
+from elbolab.models import datasources as loaders  # noqa: E402
+from elbolab.inference.evaluate import elbo_terms  # noqa: E402
+from elbolab.inference.train import fit  # noqa: E402
+from elbolab.inference.train_config import TrainConfig  # noqa: E402
+from elbolab.models.common import data_plate  # noqa: E402
+from elbolab.models.ppca import PPCA, PPCAConfig  # noqa: E402
 
 N_TRAIN = 1200  # a multiple of every global batch used (no padded rows)
 STEPS = 24  # two epochs of 12 global batches of 100 rows
@@ -76,11 +78,11 @@ class CommonNoisePPCA(PPCA):
 
     step: int | None = None
 
-    def guide(self, x, idx=None):
-        with data_plate(self.n_data, x, idx):
-            q = self.encoder.dist(x, idx)
-            if idx is not None and self.step is not None:
-                q = FixedNoise(q, row_noise(idx, self.step, self.latent_dim))
+    def guide(self, x):
+        with data_plate(x) as rows:
+            q = self.guide_dist(x, rows)
+            if torch.is_grad_enabled() and self.step is not None:  # training steps (evaluation: no grad)
+                q = FixedNoise(q, row_noise(rows, self.step, self.latent_dim))
             pyro.sample("z", q)
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from scripts import compare_guides
+from elbolab.scripts import compare_guides
 
 TINY = ["--epochs", "1", "--n-rows", "20", "--n-samples", "50", "--local-window", "10", "--local-patience", "1",
         "--local-max-steps", "100", "--semi-steps", "2", "--threads", "1"]

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from inference import diagnostics as D
-from scripts import diagnose as diagnose_script
-from scripts import evaluate as evaluate_script
-from scripts import fit as fit_script
+from elbolab.inference import diagnostics as D
+from elbolab.scripts import diagnose as diagnose_script
+from elbolab.scripts import evaluate as evaluate_script
+from elbolab.scripts import fit as fit_script
 
 TINY = ["--epochs", "1", "--n-samples", "40", "--no-progress", "--threads", "1"]
 RUNS = {

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-import models
-from inference import diagnostics as D
-from inference import loaders
-from inference.evaluate import IWAELadder, importance_estimates
-from models import ppca as P
+from elbolab import models
+from elbolab.inference import diagnostics as D
+from elbolab.models import datasources as loaders
+from elbolab.inference.evaluate import IWAELadder, importance_estimates
+from elbolab.models import ppca as P
 
 F64 = torch.float64
 

@@ -16,13 +16,16 @@ import pytest
 import torch
 
 import ddp_worker as worker
-import models
+from elbolab import models
 from conftest import ROOT
-from inference import distributed, loaders
-from inference.train import CHECKPOINT, TrainConfig, fit, load_checkpoint
-from models.common import PerDatapointNormal
-from scripts import _cli
-from scripts import fit as fit_script
+from elbolab.inference import distributed
+from elbolab.models import datasources as loaders
+from elbolab.inference.checkpoints import CHECKPOINT, load_checkpoint
+from elbolab.inference.train import fit
+from elbolab.inference.train_config import TrainConfig
+from elbolab.models.common import PerDatapointNormal
+from elbolab.scripts import _cli
+from elbolab.scripts import fit as fit_script
 
 GUIDES = ("amortized-full", "per-datapoint")
 PER_RANK_BATCH = 50
@@ -106,7 +109,7 @@ def test_distributed_evaluation_equals_one_process_evaluation(ddp_runs, guide):
 def test_fit_script_under_ddp_writes_once_and_evaluates_like_one_process(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "run"
-    r = _run(["-m", "scripts.fit", "--model", "ppca", "--latent-dim", "3", "--steps", "20", "--batch-size", "50",
+    r = _run(["-m", "elbolab.scripts.fit", "--model", "ppca", "--latent-dim", "3", "--steps", "20", "--batch-size", "50",
               "--lr", "0.05", "--val-every", "10", "--eval-particles", "2", "--devices", "2", "--strategy", "ddp",
               "--threads", "1", "--no-progress", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -149,7 +152,7 @@ def test_launch_rank_reads_the_launchers_environment(monkeypatch):
 
 
 def test_run_dir_other_ranks_leave_the_locked_directory_alone(tmp_path):
-    from inference.errors import UsageError
+    from elbolab.inference.errors import UsageError
 
     out = tmp_path / "run"
     out.mkdir()
@@ -191,7 +194,7 @@ def test_sparse_lookup_gives_the_dense_gradient():
     for sparse in (False, True):
         table.sparse = sparse
         table.zero_grad(set_to_none=True)
-        q = table.dist(None, idx)
+        q = table.dist(idx)
         torch.manual_seed(1)
         (q.rsample() ** 2).sum().backward()
         grads[sparse] = [p.grad for p in (table.loc_unconstrained, table.scale_unconstrained)]
@@ -199,7 +202,7 @@ def test_sparse_lookup_gives_the_dense_gradient():
         assert sparse.is_sparse and not dense.is_sparse
         assert torch.allclose(sparse.to_dense(), dense, rtol=1e-6, atol=1e-7)  # float32 round-off of the sums
     table.sparse = False
-    assert torch.equal(table.dist(None, idx).base_dist.scale, table.scale[idx])  # rows as PyroParam gives them
+    assert torch.equal(table.dist(idx).base_dist.scale, table.scale[idx])  # rows as PyroParam gives them
 
 
 @pytest.mark.parametrize("sparse_rows", [False, True])
@@ -238,14 +241,14 @@ def test_sparse_rows_move_only_the_batch_rows(sparse_rows):
 def test_ddp_resume_ends_where_the_uninterrupted_ddp_run_ends(tmp_path):
     """2 epochs, then --resume to 4, on 2 processes: the same parameters as 4 epochs in one go
     (each rank's RNG state is in the checkpoint)."""
-    args = ["-m", "scripts.fit", "--model", "ppca", "--latent-dim", "3", "--batch-size", "50", "--lr", "0.05",
+    args = ["-m", "elbolab.scripts.fit", "--model", "ppca", "--latent-dim", "3", "--batch-size", "50", "--lr", "0.05",
             "--checkpoint-every", "1", "--devices", "2", "--strategy", "ddp", "--threads", "1", "--no-progress",
             "--eval-particles", "1", "--seed", "3"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     for extra in (["--epochs", "4", "--out", a], ["--epochs", "2", "--out", b]):
         r = _run(args + extra)
         assert r.returncode == 0, r.stderr[-3000:]
-    r = _run(["-m", "scripts.fit", "--resume", b, "--epochs", "4", "--no-progress"])
+    r = _run(["-m", "elbolab.scripts.fit", "--resume", b, "--epochs", "4", "--no-progress"])
     assert r.returncode == 0, r.stderr[-3000:]
     ca, cb = (load_checkpoint(os.path.join(d, CHECKPOINT)) for d in (a, b))
     assert ca["global_step"] == cb["global_step"] == 4 * 13  # ceil(ceil(1257 / 2) / 50) = 13 steps an epoch
@@ -256,7 +259,7 @@ def test_ddp_resume_ends_where_the_uninterrupted_ddp_run_ends(tmp_path):
 
 
 def test_spawning_strategies_are_refused():
-    from inference.errors import UsageError
+    from elbolab.inference.errors import UsageError
 
     for strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook"):
         with pytest.raises(UsageError, match=f"--strategy {strategy}: the fit would live in spawned processes"):

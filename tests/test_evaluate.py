@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-import models
-from inference import loaders
-from inference.errors import UsageError
-from inference.evaluate import IWAELadder, active_units, importance_estimates, importance_log_likelihood
-from inference.train import TrainConfig, fit
-from models import ppca
+from elbolab import models
+from elbolab.models import datasources as loaders
+from elbolab.inference.errors import UsageError
+from elbolab.inference.evaluate import IWAELadder, active_units, importance_estimates, importance_log_likelihood
+from elbolab.inference.train import fit
+from elbolab.inference.train_config import TrainConfig
+from elbolab.models import ppca
 
 
 @pytest.fixture(autouse=True)

@@ -16,13 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-import models
-from inference import loaders
-from inference.evaluate import elbo_estimate, whole_set_log_weights
-from inference.mcmc import effective_sample_size, run_nuts
-from inference.train import TrainConfig, fit
-from models import gaussian as G
-from scripts import fit as fit_script
+from elbolab import models
+from elbolab.models import datasources as loaders
+from elbolab.inference.evaluate import elbo_estimate
+from elbolab.inference.traces import whole_set_log_weights
+from elbolab.inference.mcmc import effective_sample_size, run_nuts
+from elbolab.inference.train import fit
+from elbolab.inference.train_config import TrainConfig
+from elbolab.models import gaussian as G
+from elbolab.scripts import fit as fit_script
 
 F64 = torch.float64
 COV2 = torch.tensor([[1.0, 0.8], [0.8, 1.0]], dtype=F64)  # correlation 0.8

@@ -1,4 +1,4 @@
-"""The course notes' identities (inference/identities.py): each row holds on its own
+"""The course notes' identities (scripts/identities.py): each row holds on its own
 setting, the closed forms behind them agree with independent computations, and the
 checks fail where the statement is broken (negative controls)."""
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import run_script
-from inference import identities as ids
-from inference.loaders import load_dataset
-from models import ppca
-from scripts import demos
+from elbolab.scripts import identities as ids
+from elbolab.models.datasources import load_dataset
+from elbolab.models import ppca
+from elbolab.scripts import demos
 
 F64 = torch.float64
 
@@ -290,9 +290,9 @@ def test_single_sample_variance_from_group_means(ppca2, digits):
     _, test = digits
     x = test[:10]
     params = [ppca2.encoder.linear.weight, ppca2.encoder.linear.bias, ppca2.encoder.scale_tril_unconstrained]
-    one = ids._single_sample_variance(ids.gradient_draws(ppca2.model, ppca2.guide, params, (x, None), "reparam",
+    one = ids._single_sample_variance(ids.gradient_draws(ppca2.model, ppca2.guide, params, (x,), "reparam",
                                                          20, 1), 1)[0]
-    ten = ids._single_sample_variance(ids.gradient_draws(ppca2.model, ppca2.guide, params, (x, None), "reparam",
+    ten = ids._single_sample_variance(ids.gradient_draws(ppca2.model, ppca2.guide, params, (x,), "reparam",
                                                          20, 10), 10)[0]
     assert 1 / 2.5 < ten / one < 2.5
 
@@ -304,7 +304,7 @@ def test_gradient_unbiasedness_fails_for_a_wrong_gradient(ppca2, digits):
     x = test[:10]
     params = [ppca2.encoder.linear.weight, ppca2.encoder.linear.bias, ppca2.encoder.scale_tril_unconstrained]
     exact = ids.ppca_exact_elbo_gradient(ppca2, x, params)
-    rows = ids.reparameterization_vs_score(ppca2.model, ppca2.guide, params, (x, None), "PPCA",
+    rows = ids.reparameterization_vs_score(ppca2.model, ppca2.guide, params, (x,), "PPCA",
                                            ("a", "b", "c"), 0.5 * exact, n_groups=20, seed=0)
     assert not rows[0].holds  # the right estimator is measured against half the gradient
 
@@ -314,7 +314,7 @@ def test_gradient_variance_on_a_small_vae(digits):
     torch.manual_seed(0)
     x = demos.binarized(test[:10])
     vae = demos.small_vae(test.shape[1], x.shape[0])
-    rows = ids.reparameterization_vs_score(vae.model, vae.guide, list(vae.encoder.parameters()), (x, None),
+    rows = ids.reparameterization_vs_score(vae.model, vae.guide, list(vae.encoder.parameters()), (x,),
                                            "VAE", ("6d",), n_groups=20, seed=0)
     assert rows[0].holds and rows[0].lhs > 10
     # both estimators estimate the same gradient: the score mean projects onto the reparameterized mean

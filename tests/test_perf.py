@@ -20,14 +20,16 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-import models
-import models.vae
-from inference import loaders, train
-from inference.evaluate import importance_estimates
-from inference.objectives import build_objective
-from inference.train import TrainConfig, fit
-from models.common import BernoulliLogits
-from scripts import benchmark
+from elbolab import models
+import elbolab.models.vae
+from elbolab.inference import lightning_module as train
+from elbolab.models import datasources as loaders
+from elbolab.inference.evaluate import importance_estimates
+from elbolab.inference.objectives import build_objective
+from elbolab.inference.train import fit
+from elbolab.inference.train_config import TrainConfig
+from elbolab.models.common import BernoulliLogits
+from elbolab.scripts import benchmark
 
 N_DATA = 40
 TINY = torch.finfo(torch.float32).tiny  # 1.18e-38: the smallest normal float32
@@ -49,7 +51,7 @@ def loss_and_grads(m, objective, x, idx, validate, seed=5):
     try:
         torch.manual_seed(seed)
         m.zero_grad(set_to_none=True)
-        loss = objective(m.model, m.guide, x, idx)
+        loss = objective.loss(m, x, idx)
         loss.backward()
     finally:
         pyro.enable_validation(True)
@@ -91,19 +93,20 @@ class DiscreteGuide(pyro.nn.PyroModule):
     site that is not reparameterized, so the ELBO needs Pyro's score-function term."""
 
     max_plate_nesting = 1
+    data_plate, n_data, data_dim = "data", N_DATA, 1
 
     def __init__(self):
         super().__init__()
         self.a = pyro.nn.PyroParam(torch.tensor(0.3))
         self.b = pyro.nn.PyroParam(torch.tensor(1.5))
 
-    def model(self, x, idx=None):
-        with pyro.plate("data", N_DATA, subsample=idx):
+    def model(self, x):
+        with pyro.plate("data", N_DATA):  # declared with the full size: the driver subsamples it
             z = pyro.sample("z", dist.Bernoulli(0.5))
             pyro.sample("x", dist.Normal(self.b * z, 1.0), obs=x)
 
-    def guide(self, x, idx=None):
-        with pyro.plate("data", N_DATA, subsample=idx):
+    def guide(self, x):
+        with pyro.plate("data", len(x)):  # declared with the batch's size: the driver scales it
             pyro.sample("z", dist.Bernoulli(logits=self.a * x))
 
 
@@ -143,7 +146,7 @@ def test_bernoulli_logits_equals_torchs_bernoulli():
 
 
 def test_fast_dynamic_binarization_makes_torch_bernoullis_draws():
-    from inference.loaders import _bernoulli, _bernoulli_fast
+    from elbolab.models.datasources import _bernoulli, bernoulli_draw as _bernoulli_fast
 
     x = torch.rand(100, 784)
     x[0, :3] = torch.tensor([0.0, 1.0, 0.5])
@@ -203,7 +206,7 @@ def test_flushing_denormals_keeps_the_iwae_gradient(digits):
         with train.flushed_denormals(flush), pyro.validation_enabled(False):
             torch.manual_seed(1)
             m.zero_grad()
-            obj(m.model, m.guide, digits.train[:20], torch.arange(20)).backward()
+            obj.loss(m, digits.train[:20], torch.arange(20)).backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
     assert not train.denormals_flushed()  # the mode restored
     assert denormal[0] > 100 and denormal[1] == 0  # the reference carried denormals; flushed, none
@@ -248,7 +251,7 @@ def test_benchmark_yardstick_is_the_same_math(digits, objective):
     obj = build_objective(objective, K)
     with pyro.validation_enabled(False):
         torch.manual_seed(3)
-        ours = obj(m.model, m.guide, x, torch.arange(20))
+        ours = obj.loss(m, x, torch.arange(20))
         torch.manual_seed(3)
         theirs = hand.loss(x, digits.n_train, objective, K)
     assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)  # float32 sums, another order

@@ -18,13 +18,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import models
-from inference import loaders
-from inference.evaluate import elbo_terms
-from inference.objectives import log_weights, logmeanexp
-from inference.train import TrainConfig, fit
-from models import ppca
-from scripts import fit as fit_script
+from elbolab import models
+from elbolab.models import datasources as loaders
+from elbolab.inference.evaluate import elbo_terms
+from elbolab.inference.traces import logmeanexp, model_log_weights
+from elbolab.inference.train import fit
+from elbolab.inference.train_config import TrainConfig
+from elbolab.models import ppca
+from elbolab.scripts import fit as fit_script
 
 F64 = torch.float64
 
@@ -218,7 +219,7 @@ def test_optimal_guide_weights(guide):
     m.set_guide_optimal(x)
     rows = torch.arange(50)
     with torch.no_grad():
-        lw = log_weights(m.model, m.guide, x, rows, 20).log_w  # (20, 50)
+        lw = model_log_weights(m, x, rows, 20).log_w  # (20, 50)
     log_px = m.exact_log_likelihood(x)
     _, p_cov = m.exact_posterior(x)
     if guide.endswith("full"):
@@ -251,7 +252,7 @@ def test_iwae_is_between_elbo_and_log_likelihood_and_increases_with_k():
     est = {}
     for K in (1, 4, 16, 64, 256, 1024):
         with torch.no_grad():
-            lw = log_weights(m.model, m.guide, x, rows, total).log_w  # (total, n)
+            lw = model_log_weights(m, x, rows, total).log_w  # (total, n)
         iwae = logmeanexp(lw.reshape(total // K, K, n), 1)  # (R, n): one IWAE_K draw per replicate
         # standard error of the mean over rows: each row's replicate spread / sqrt(R), combined
         se = float(iwae.var(0).sum().sqrt() / (n * math.sqrt(iwae.shape[0])))

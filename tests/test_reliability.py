@@ -43,15 +43,17 @@ from pyro import poutine
 from pyro.nn import PyroModule
 
 import _faults
-import models
-from inference import files, loaders
-from inference.errors import UsageError
-from inference.evaluate import elbo_terms
-from inference.objectives import build_objective, log_weights, logmeanexp
-from inference.train import CHECKPOINT, load_checkpoint
-from models.common import data_plate
-from scripts import _cli
-from scripts import fit as fit_script
+from elbolab import models
+from elbolab.inference import files
+from elbolab.models import datasources as loaders
+from elbolab.inference.errors import UsageError
+from elbolab.inference.evaluate import elbo_terms
+from elbolab.inference.objectives import build_objective
+from elbolab.inference.traces import log_weights, logmeanexp, model_log_weights
+from elbolab.inference.checkpoints import CHECKPOINT, load_checkpoint
+from elbolab.models.common import data_plate
+from elbolab.scripts import _cli
+from elbolab.scripts import fit as fit_script
 
 BIG_BATCH = "100000"  # larger than any data set here: accepted data stops at the batch-size check
 F32_MAX = float(np.finfo(np.float32).max)
@@ -84,7 +86,7 @@ def refused(capsys, argv, out=None, watch=None, code=2) -> str:
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert got == code, err
-    assert len(lines) == 1 and lines[0].startswith("fit.py: error: "), err
+    assert len(lines) == 1 and lines[0].startswith("elbolab fit: error: "), err
     assert "Traceback" not in err
     assert snapshot(watch) == before  # not created if absent; byte-for-byte unchanged if present
     return lines[0]
@@ -92,7 +94,7 @@ def refused(capsys, argv, out=None, watch=None, code=2) -> str:
 
 def rows_loaded(line: str) -> int | None:
     """The training-row count from the batch-size refusal, or None if it is another error."""
-    prefix = f"fit.py: error: --batch-size {BIG_BATCH} is larger than the "
+    prefix = f"elbolab fit: error: --batch-size {BIG_BATCH} is larger than the "
     if line.startswith(prefix) and line.endswith(" training rows"):
         return int(line[len(prefix):-len(" training rows")])
     return None
@@ -408,7 +410,7 @@ def test_unreadable_data_file(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(builtins, "open", denying_open)
     line = refused(capsys, ["--data", str(x)], tmp_path / "out")
-    assert line == f"fit.py: error: {x}: cannot read it ([Errno 13] Permission denied: '{x}')"
+    assert line == f"elbolab fit: error: {x}: cannot read it ([Errno 13] Permission denied: '{x}')"
 
 
 @pytest.mark.parametrize("make, message", [
@@ -659,7 +661,7 @@ def test_full_disk_loses_nothing(finished_run, tmp_path, capsys, monkeypatch, wh
     got = fit_script.main(["--resume", str(run), "--epochs", "3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert got == 1 and len(err) == 1, err  # a runtime fault: exit 1, one line
-    assert err[0] == f"fit.py: error: {run / which}: cannot write it (No space left on device); " \
+    assert err[0] == f"elbolab fit: error: {run / which}: cannot write it (No space left on device); " \
                      "its previous version is kept"
     after = snapshot(run)
     assert after[which] == before[which]  # the file being written is its old self
@@ -690,13 +692,13 @@ class PoisonedPPCA(models.ppca.PPCA):
     poison_at = 0
     calls = 0
 
-    def model(self, x, idx=None):
-        if idx is not None and torch.is_grad_enabled():  # training steps only (checks run without grad)
+    def model(self, x):
+        if torch.is_grad_enabled():  # training steps only (checks and evaluations run without grad)
             type(self).calls += 1
             if type(self).calls == self.poison_at:
                 with pyro.validation_enabled(False):
                     pyro.factor("poison", torch.tensor(float("nan")))
-        return super().model(x, idx)
+        return super().model(x)
 
 
 def test_nonfinite_loss_through_cli_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
@@ -708,7 +710,7 @@ def test_nonfinite_loss_through_cli_keeps_last_good_checkpoint(tmp_path, capsys,
     out = tmp_path / "bad"
     got = fit_script.main([*argv, "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert got == 1 and err == ["fit.py: error: step 30: the loss is nan; parameters not updated "
+    assert got == 1 and err == ["elbolab fit: error: step 30: the loss is nan; parameters not updated "
                                 "(the last checkpoint is the last good state)"]
     assert sorted(os.listdir(out)) == ["checkpoint.ckpt", "config.json"]  # no metrics, no lock, no debris
     assert load_checkpoint(str(out / CHECKPOINT))["global_step"] == 26  # the end of epoch 2 (13 steps each)
@@ -876,7 +878,7 @@ def test_live_run_locks_its_directory_until_killed(forks, tmp_path, capsys):
     for argv in ([*TINY, "--epochs", "1", "--overwrite", "--out", str(run)], ["--resume", str(run)]):
         assert fit_script.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"fit.py: error: --out {run}: another run (pid {p.pid}) is writing this directory"]
+        assert err == [f"elbolab fit: error: --out {run}: another run (pid {p.pid}) is writing this directory"]
     p.kill()
     p.join()
     assert (run / _cli.LOCK).exists()  # a kill leaves the lock file, but not its flock
@@ -907,19 +909,21 @@ class ExtremeBernoulli(PyroModule):
     q(z) = N(q_loc, q_scale^2) per row. W and bias set the decoder's confidence."""
 
     max_plate_nesting = 1
+    data_plate = "data"
 
     def __init__(self, W, bias, q_loc, q_scale):
         super().__init__()
+        self.data_dim, self.n_data = W.shape[0], 1
         self.W, self.bias = torch.nn.Parameter(W), torch.nn.Parameter(bias)  # (D, k), (D,)
         self.q_loc, self.q_scale = torch.nn.Parameter(q_loc), torch.nn.Parameter(q_scale)  # (k,), (k,)
 
-    def model(self, x, idx=None):
-        with data_plate(x.shape[0], x, idx):
+    def model(self, x):
+        with data_plate(x):
             z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0).expand([self.W.shape[1]]).to_event(1))
             pyro.sample("x", dist.Bernoulli(logits=z @ self.W.T + self.bias).to_event(1), obs=x)  # (..., B, D)
 
-    def guide(self, x, idx=None):
-        with data_plate(x.shape[0], x, idx):
+    def guide(self, x):
+        with data_plate(x):
             loc = self.q_loc.expand(x.shape[0], -1)
             pyro.sample("z", dist.Normal(loc, self.q_scale.expand_as(loc)).to_event(1))  # (..., B, k)
 
@@ -946,7 +950,7 @@ def test_logits_at_1e4_exact_log_likelihood(dtype):
                          torch.ones(k, dtype=dtype))
     x = (signs > 0).to(dtype).expand(B, D).clone()  # every pixel as the decoder is sure it is ...
     x[:, : D // 2] = 1 - x[:, : D // 2]  # ... but the first half the other way: 32 pixels wrong by 1e4
-    lw = log_weights(m.model, m.guide, x, None, K)
+    lw = model_log_weights(m, x, None, K)
     exact = -1e4 * (D // 2)
     assert torch.equal(lw.log_lik, torch.full((K, B), exact, dtype=dtype))  # log-sigmoid(-1e4) = -1e4 exactly
     assert torch.equal(lw.log_w, lw.log_lik)  # log p(z) - log q(z) = 0 exactly (q is the prior)
@@ -955,7 +959,7 @@ def test_logits_at_1e4_exact_log_likelihood(dtype):
     ulp = abs(float(np.spacing((np.float64 if dtype == torch.float64 else np.float32)(exact))))
     for name, alpha in (("iwae", None), ("renyi", 0.5), ("renyi", -20.0), ("iwae-dreg", None), ("elbo", None)):
         pyro.set_rng_seed(0)
-        loss = build_objective(name, K, alpha)(m.model, m.guide, x, None)
+        loss = build_objective(name, K, alpha).loss(m, x, None)
         # -loss / B is the bound per row: exact up to the rounding of logsumexp + log K - log K (2 ulp)
         assert abs(float(-loss.detach()) / B - exact) <= 2 * ulp * (1 if name != "renyi" else 1 + abs(1 - alpha)), name
 
@@ -973,7 +977,7 @@ def test_logits_near_1e4_match_a_float64_reference(dtype, rtol):
                          torch.full((k,), 1e-3, dtype=dtype))
     x = (torch.rand(B, D, generator=g) < 0.5).to(dtype)
     pyro.set_rng_seed(1)
-    lw = log_weights(m.model, m.guide, x, None, K)
+    lw = model_log_weights(m, x, None, K)
     z = lw.guide_trace.nodes["z"]["value"]  # (K, B, k)
     logits = z @ m.W.T + m.bias
     assert float(logits.abs().min()) > 9e3 and float(logits.abs().max()) < 2.1e4  # at about +-1e4
@@ -988,7 +992,7 @@ def test_logits_near_1e4_match_a_float64_reference(dtype, rtol):
     for name, alpha in (("iwae", None), ("renyi", 0.5), ("iwae-dreg", None)):
         m.zero_grad()
         pyro.set_rng_seed(1)
-        loss = build_objective(name, K, alpha)(m.model, m.guide, x, None)
+        loss = build_objective(name, K, alpha).loss(m, x, None)
         loss.backward()
         assert torch.isfinite(loss)
         for pname, p in m.named_parameters():
@@ -1004,17 +1008,17 @@ def test_logmeanexp_extremes_and_masked_minus_inf():
     assert float(logmeanexp(t(0.0, -math.inf))) == -math.log(2)
     assert float(logmeanexp(t(-math.inf, -math.inf))) == -math.inf  # not NaN
 
-    def model(x, idx=None):  # a masked-out site whose log density is -inf must count 0, not NaN
+    def model(x):  # a masked-out site whose log density is -inf must count 0, not NaN
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
             with poutine.mask(mask=torch.tensor([True, False])):
                 pyro.sample("x", dist.Bernoulli(logits=torch.tensor([0.0, -math.inf])), obs=x)
 
-    def guide(x, idx=None):
+    def guide(x):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(0.0, 1.0))
 
     with pyro.validation_enabled(False):
-        lw = log_weights(model, guide, torch.tensor([1.0, 1.0]), None, 3)
+        lw = log_weights(model, guide, torch.tensor([1.0, 1.0]), 3)
     assert torch.equal(lw.log_lik[:, 1], torch.zeros(3))
     assert torch.allclose(lw.log_lik[:, 0], torch.full((3,), -math.log(2)))

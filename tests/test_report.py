@@ -11,7 +11,7 @@ import re
 import matplotlib.image
 import pytest
 
-from scripts import report
+from elbolab.scripts import report
 
 
 class _Images(html.parser.HTMLParser):

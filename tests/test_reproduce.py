@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import MNIST_DIR, needs_mnist
-from scripts import reproduce_cs236, reproduce_iwae
+from elbolab.scripts import reproduce_cs236, reproduce_iwae
 
 pytestmark = [pytest.mark.slow, pytest.mark.data, needs_mnist()]
 

@@ -11,10 +11,12 @@ import pyro
 import pytest
 import torch
 
-import models
-from inference import loaders
-from inference.errors import NonFiniteError, UsageError
-from inference.train import CHECKPOINT, TrainConfig, fit, load_checkpoint
+from elbolab import models
+from elbolab.models import datasources as loaders
+from elbolab.inference.errors import NonFiniteError, UsageError
+from elbolab.inference.checkpoints import CHECKPOINT, load_checkpoint
+from elbolab.inference.train import fit
+from elbolab.inference.train_config import TrainConfig
 from conftest import ROOT
 
 
@@ -59,13 +61,13 @@ class PoisonedPPCA(models.ppca.PPCA):
     poison_at = None
     calls = 0
 
-    def model(self, x, idx=None):
-        if idx is not None and torch.is_grad_enabled():  # training steps only (warm-up runs without grad)
+    def model(self, x):
+        if torch.is_grad_enabled():  # training steps only (checks and evaluations run without grad)
             type(self).calls += 1
             if type(self).calls == self.poison_at:
                 with pyro.validation_enabled(False):  # validation would refuse the NaN itself
                     pyro.factor("poison", torch.tensor(float("nan")))
-        return super().model(x, idx)
+        return super().model(x)
 
 
 def test_nonfinite_loss_stops_before_the_update(tmp_path):
@@ -141,11 +143,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
             "--eval-particles", "1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     a = str(tmp_path / "a")
-    done = subprocess.run([sys.executable, "-m", "scripts.fit", *args, "--out", a], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "elbolab.scripts.fit", *args, "--out", a], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     b = str(tmp_path / "b")
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.fit", *args, "--out", b], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "elbolab.scripts.fit", *args, "--out", b], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = os.path.join(b, CHECKPOINT)
     deadline = time.time() + 300
@@ -160,7 +162,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     step_killed = load_checkpoint(ckpt)["global_step"]
     assert 0 < step_killed < 16 * 51, "the kill must land part-way"
     assert not os.path.exists(os.path.join(b, "metrics.json"))
-    res = subprocess.run([sys.executable, "-m", "scripts.fit", "--resume", b, "--no-progress"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "elbolab.scripts.fit", "--resume", b, "--no-progress"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     pa, pb = _final_params(a), _final_params(b)

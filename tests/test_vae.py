@@ -9,12 +9,15 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-import models
-from inference import loaders
-from inference.evaluate import importance_estimates
-from inference.train import TrainConfig, fit
-from models.common import ConfigError
-from models.vae import DiagNormalMixture
+from elbolab import models
+from elbolab.models import datasources as loaders
+from elbolab.inference.evaluate import importance_estimates
+from elbolab.inference.errors import UsageError
+from elbolab.inference.traces import reads_row_indices
+from elbolab.inference.train import fit
+from elbolab.inference.train_config import TrainConfig
+from elbolab.models.common import ConfigError
+from elbolab.models.vae import DiagNormalMixture
 
 SMALL = {"latent_dim": 4, "hidden": [64], "activation": "tanh"}
 
@@ -51,11 +54,11 @@ def test_configs_and_defaults():
 @pytest.mark.parametrize("guide", ["amortized", "per-datapoint"])
 def test_sites_and_shapes_with_vectorized_particles(digits, name, guide):
     m = build(name, digits, guide=guide)
-    x, idx = digits.train[:7], torch.arange(7)
-    assert m.amortized == (guide == "amortized")
+    x = digits.train[:7]
+    assert reads_row_indices(m, x) == (guide == "per-datapoint")
     with pyro.plate("particles", 3, dim=-2):
-        g = pyro.poutine.trace(m.guide).get_trace(x, idx)
-        tr = pyro.poutine.trace(pyro.poutine.replay(m.model, trace=g)).get_trace(x, idx)
+        g = pyro.poutine.trace(m.guide).get_trace(x)
+        tr = pyro.poutine.trace(pyro.poutine.replay(m.model, trace=g)).get_trace(x)
     tr.compute_log_prob()
     assert tr.nodes["z"]["value"].shape == (3, 7, 4)
     assert tr.nodes["z"]["log_prob"].shape == (3, 7) and tr.nodes["x"]["log_prob"].shape == (3, 7)
@@ -137,5 +140,5 @@ def test_per_datapoint_guide_trains_on_training_rows(digits):
     # measured -51.9 -> -20.1 (each row's loc and scale get ~16 updates in 200 steps at a
     # high rate; a per-datapoint guide fits its training rows closely); asserted with margin
     assert after > before + 20.0
-    with pytest.raises(ValueError, match="needs the training-row indices"):
-        m.guide(digits.test)
+    with pytest.raises(UsageError, match="per-datapoint"):  # it has no entries for held-out rows
+        importance_estimates(m, digits.test, 5)

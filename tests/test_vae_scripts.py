@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from scripts import evaluate as evaluate_script
-from scripts import fit as fit_script
+from elbolab.scripts import evaluate as evaluate_script
+from elbolab.scripts import fit as fit_script
 
 PICTURES = ("loss_curve.png", "prior_samples.png", "reconstructions.png", "latent_means.png")
 
@@ -104,7 +104,7 @@ def test_fit_vae_rejects_bad_model_flags(tmp_path, capsys):
     out = tmp_path / "o"
     assert fit_script.main(["--model", "vae", "--activation", "gelu", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "fit.py: error: --activation must be one of relu, elu, tanh, softplus, got 'gelu'"]
+        "elbolab fit: error: --activation must be one of relu, elu, tanh, softplus, got 'gelu'"]
     assert fit_script.main(["--model", "vae", "--binarize", "none", "--out", str(out)]) == 2
     assert "pass --binarize threshold, static or dynamic" in capsys.readouterr().err
     assert not out.exists()
@@ -114,7 +114,7 @@ def test_fit_vae_rejects_bad_model_flags(tmp_path, capsys):
 
 
 def test_burda_schedule():
-    from scripts.reproduce_iwae import burda_lr, runs_to_train
+    from elbolab.scripts.reproduce_iwae import burda_lr, runs_to_train
 
     # 3^i epochs at 1e-3 * 10^(-i/7), i = 0..7: 1 + 3 + ... + 3^7 = 3280 epochs in all
     assert burda_lr(1) == 1e-3
@@ -128,7 +128,7 @@ def test_burda_schedule():
 def test_reproduction_scripts_bad_input(tmp_path, capsys, script):
     import importlib
 
-    main = importlib.import_module(f"scripts.{script}").main
+    main = importlib.import_module(f"elbolab.scripts.{script}").main
     out = tmp_path / "out"
     assert main(["--data-dir", str(tmp_path / "none"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()

@@ -42,10 +42,10 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
-from inference.errors import UsageError
-from inference.objectives import log_weights, logmeanexp
-from models import ppca
-from models.common import data_plate
+from elbolab.inference.errors import UsageError
+from elbolab.inference.traces import log_weights, logmeanexp
+from elbolab.models import ppca
+from elbolab.models.common import data_plate
 
 F64 = torch.float64
 RELATIONS = ("=", "<=", ">=", "<", ">")
@@ -280,16 +280,16 @@ def _params(model: ppca.PPCA) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def prior_guide(latent_dim: int) -> Callable:
     """z ~ p(z) = N(0, I): the proposal of naive Monte Carlo as the notes write p(x) = E_p(z) p(x|z)."""
-    def guide(x, idx=None):
-        with data_plate(x.shape[0], x, idx):
+    def guide(x):
+        with data_plate(x):
             pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0).expand([latent_dim]).to_event(1))
     return guide
 
 
 def box_guide(latent_dim: int, half_width: float) -> Callable:
     """z uniform on the box [-a, a]^k: the notes' 'sample z uniformly and average'."""
-    def guide(x, idx=None):
-        with data_plate(x.shape[0], x, idx):
+    def guide(x):
+        with data_plate(x):
             pyro.sample("z", dist.Uniform(x.new_full((), -half_width), x.new_full((), half_width))
                         .expand([latent_dim]).to_event(1))
     return guide
@@ -364,7 +364,7 @@ def _log_w(model, guide, x: torch.Tensor, n_samples: int, elements: int = 1 << 2
     with torch.no_grad():
         for start in range(0, n_samples, chunk):
             K = min(chunk, n_samples - start)
-            out.append(log_weights(model.model, guide, x, None, K, model.max_plate_nesting).log_w)
+            out.append(log_weights(model.model, guide, x, K, model.max_plate_nesting).log_w)
     return torch.cat(out, 0)
 
 
@@ -885,7 +885,7 @@ def ppca_gradient_rows(model: ppca.PPCA, x: torch.Tensor, n_groups: int = 40, n_
     params = [model.encoder.linear.weight, model.encoder.linear.bias,
               model.encoder.scale_tril_unconstrained]
     exact = ppca_exact_elbo_gradient(model, x, params)
-    return reparameterization_vs_score(model.model, model.guide, params, (x, None), "PPCA", ("6a", "6b", "6c"),
+    return reparameterization_vs_score(model.model, model.guide, params, (x,), "PPCA", ("6a", "6b", "6c"),
                                        exact, n_groups, n_particles, model.max_plate_nesting, seed)
 
 

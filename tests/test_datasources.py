@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from inference import loaders
-from inference.errors import DataError
+from elbolab.inference import batches
+from elbolab.inference.errors import DataError
+from elbolab.models import datasources as loaders
 
 
 def test_digits_fixed_split_and_range():
@@ -40,7 +41,7 @@ def test_static_binarization_is_seeded_and_dynamic_draws_per_epoch():
     d = loaders.load_dataset("digits", binarize="dynamic")
     assert not torch.equal(d.train, (d.train > 0.5).float())  # grey levels kept for training
     assert set(torch.unique(d.test).tolist()) <= {0.0, 1.0}
-    loader = loaders.batch_loader(d.train, 2000, seed=3, shuffle=False, dynamic=True)
+    loader = batches.batch_loader(d.train, 2000, seed=3, shuffle=False, dynamic=True)
     loader.sampler.set_epoch(0)
     e0, _ = next(iter(loader))
     e0_again, _ = next(iter(loader))
@@ -62,15 +63,15 @@ def test_epoch_batches_cover_rows_and_shard(world_size):
     n, bs = 23, 4
     seen = []
     for rank in range(world_size):
-        s = loaders.EpochBatches(n, bs, seed=1, rank=rank, world_size=world_size)
+        s = batches.EpochBatches(n, bs, seed=1, rank=rank, world_size=world_size)
         s.set_epoch(5)
-        batches = list(s)
-        assert len(batches) == len(s)
-        seen.append(torch.cat([b for b, _ in batches]))
+        listed = list(s)
+        assert len(listed) == len(s)
+        seen.append(torch.cat([b for b, _ in listed]))
     allrows = torch.cat(seen)
     assert set(allrows.tolist()) == set(range(n))  # global indices, every row
     assert len({len(r) for r in seen}) == 1  # every rank the same number of rows
-    s = loaders.EpochBatches(n, bs, seed=1)
+    s = batches.EpochBatches(n, bs, seed=1)
     s.set_epoch(0)
     a = torch.cat([b for b, _ in s])
     s.set_epoch(1)

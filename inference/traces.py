@@ -1,0 +1,380 @@
+"""Trace and score, once: the guide traced, the model replayed on its draws, every site's
+log density read with its mask and scale. Objectives, evaluation, diagnostics and the
+generic guides all go through here.
+
+The data plate and its mini-batches
+-----------------------------------
+A model observes its rows inside ``pyro.plate(plate, len(x))`` (or a plate declared with
+the full training size N; any name, ``"data"`` by default). The workbench calls the model
+and the guide with a batch of B rows and says which rows they are with :class:`Batch`, a
+Pyro messenger around the call:
+
+* the plate's indices (``with pyro.plate(...) as rows``) become the batch rows'
+  positions in the training set (0..B-1 for a set of its own), so per-datapoint
+  parameters are indexed as Pyro users index them;
+* every site inside the plate is scaled so that the batch stands for the N rows it was
+  drawn from (N/B), whether the plate was declared with B or with N rows; sites outside
+  it (global latents) are not scaled. A set of its own (validation, test) is scaled 1.
+
+Shapes: K particles are an outermost vectorized plate (``PARTICLES_PLATE``, dim
+-(max_plate_nesting + 1)); per-row quantities are (K, B).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import site_is_subsample
+
+from elbolab.inference.errors import UsageError
+
+DATA_PLATE = "data"
+PARTICLES_PLATE = "particles"
+
+
+# ----------------------------------------------------------------------------- the batch
+
+
+class Batch(Messenger):
+    """Run a model or guide on a batch of ``n_rows`` rows of its data plate ``plate``:
+    the plate's indices are ``rows`` (positions in the training set; None: 0..B-1) and
+    every site inside the plate is scaled so that the batch stands for ``size`` rows
+    (None: the batch is a set of its own, scale 1)."""
+
+    def __init__(self, plate: str, n_rows: int, rows: torch.Tensor | None = None, size: int | None = None):
+        super().__init__()
+        if rows is not None and int(rows.shape[0]) != int(n_rows):
+            raise UsageError(f"{rows.shape[0]} row indices for a batch of {n_rows} rows")
+        self.plate, self.n_rows, self.rows = plate, int(n_rows), rows
+        self.size = int(n_rows) if size is None else int(size)
+        self.declared: int | None = None  # the plate's declared size, seen when it is built
+
+    def indices(self) -> torch.Tensor:
+        return torch.arange(self.n_rows) if self.rows is None else self.rows
+
+    def _pyro_sample(self, msg) -> None:
+        fn = msg["fn"]
+        if msg["name"] != self.plate or not isinstance(fn, _Subsample):
+            return
+        if fn.subsample_size is not None and fn.subsample_size != self.n_rows and fn.subsample_size < fn.size:
+            raise UsageError(
+                f"pyro.plate({self.plate!r}) subsamples {fn.subsample_size} of {fn.size} rows itself; elbolab "
+                f"mini-batches the data: declare pyro.plate({self.plate!r}, len(x)) without subsample_size")
+        if fn.size != self.n_rows and fn.size < self.n_rows:
+            raise UsageError(f"pyro.plate({self.plate!r}) declares {fn.size} rows but the batch holds {self.n_rows}")
+        self.declared = int(fn.size)
+        msg["value"] = self.indices().to(fn.device)
+
+    def _process_message(self, msg) -> None:
+        super()._process_message(msg)
+        if msg["type"] != "sample" or site_is_subsample(msg) or self.declared is None:
+            return
+        if any(f.name == self.plate for f in msg["cond_indep_stack"]) and self.size != self.declared:
+            msg["scale"] = msg["scale"] * (self.size / self.declared)
+
+
+_ACTIVE: list[Batch] = []
+
+
+@contextlib.contextmanager
+def batch(model, x: torch.Tensor, rows: torch.Tensor | None = None):
+    """The rows x of ``model``'s training set at ``rows`` (a mini-batch, scaled to the
+    ``model.n_data`` training rows), or a set of their own (``rows`` None)."""
+    b = Batch(model.data_plate, int(x.shape[0]), rows, model.n_data if rows is not None else None)
+    _ACTIVE.append(b)
+    try:
+        with b:
+            yield b
+    finally:
+        _ACTIVE.pop()
+
+
+def batch_rows(x: torch.Tensor) -> torch.Tensor:
+    """The positions in the training set of the rows x being run (0..B-1 outside a fit):
+    what a per-datapoint table reads when it cannot enter the plate first."""
+    b = _ACTIVE[-1] if _ACTIVE else None
+    if b is None or b.n_rows != int(x.shape[0]):
+        return torch.arange(int(x.shape[0]))
+    return b.indices()
+
+
+# ----------------------------------------------------------------------------- sites
+
+
+def in_plate(site, plate: str = DATA_PLATE) -> bool:
+    return any(f.name == plate for f in site["cond_indep_stack"])
+
+
+def is_latent(site) -> bool:
+    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+
+
+def is_scored(site) -> bool:
+    """A sample site that has a density (every one but a plate's index site)."""
+    return site["type"] == "sample" and not site_is_subsample(site)
+
+
+def site_log_prob(site, fn=None) -> torch.Tensor:
+    """The site's log density at its value, masked, unscaled. A masked-out entry is 0
+    (``where``, not a product: a masked-out -inf must give 0, not NaN)."""
+    fn = site["fn"] if fn is None else fn
+    lp = fn.log_prob(site["value"])
+    mask = site["mask"]
+    if mask is not None:
+        lp = torch.where(torch.as_tensor(mask, device=lp.device), lp, lp.new_zeros(()))
+    return lp
+
+
+def scaled_sum(site) -> torch.Tensor:
+    """The site's log density, masked and scaled as Pyro scales it, summed."""
+    return (site_log_prob(site) * site["scale"]).sum()
+
+
+def per_row(site, K: int, B: int, plate: str = DATA_PLATE, fn=None) -> torch.Tensor:
+    """A site's log density per particle and row (K, B), unscaled; the site must lie in
+    the data plate (a global latent has no per-row density)."""
+    if not in_plate(site, plate):
+        raise UsageError(
+            f"site {site['name']!r} is outside plate({plate!r}); per-datapoint importance weights need every "
+            "sampled site to be local to a datapoint (global latents have no per-datapoint weight)")
+    return site_log_prob(site, fn).expand(K, B)
+
+
+def per_particle(site, K: int, nesting: int) -> torch.Tensor:
+    """A site's log density summed over everything but the particles plate, scaled (K,)."""
+    lp = site_log_prob(site)
+    lp = lp.reshape((1,) * max(0, nesting + 1 - lp.dim()) + tuple(lp.shape))
+    lp = lp.movedim(lp.dim() - nesting - 1, 0)
+    return lp.reshape(lp.shape[0], -1).sum(-1).expand(K) * site["scale"]
+
+
+# ----------------------------------------------------------------------------- traces
+
+
+def particles(K: int, nesting: int, vectorize: bool = True):
+    """The particles plate (outermost, dim -(nesting + 1)); nothing for one unvectorized draw."""
+    if not vectorize:
+        return contextlib.nullcontext()
+    return pyro.plate(PARTICLES_PLATE, int(K), dim=-(int(nesting) + 1))
+
+
+def trace_pair(model_fn: Callable, guide_fn: Callable, args: tuple, K: int = 1, nesting: int = 1,
+               vectorize: bool = True):
+    """(guide trace, model trace): the guide traced with K vectorized particles, the model
+    replayed on its draws; ``args`` are passed to both."""
+    with particles(K, nesting, vectorize):
+        guide_tr = poutine.trace(guide_fn).get_trace(*args)
+        model_tr = poutine.trace(poutine.replay(model_fn, trace=guide_tr)).get_trace(*args)
+    return guide_tr, model_tr
+
+
+def guess_max_plate_nesting(model_fn: Callable, guide_fn: Callable, args: tuple, kwargs: dict | None = None) -> int:
+    """The deepest vectorized plate of one run of the guide and the model replayed on it
+    (what Pyro's ELBOs guess when not told)."""
+    kwargs = kwargs or {}
+    with poutine.block(), torch.no_grad(), torch.random.fork_rng():
+        guide_tr = poutine.trace(guide_fn).get_trace(*args, **kwargs)
+        model_tr = poutine.trace(poutine.replay(model_fn, trace=guide_tr)).get_trace(*args, **kwargs)
+    return plate_nesting(guide_tr, model_tr)
+
+
+def plate_nesting(*traces) -> int:
+    """The deepest vectorized plate of the sample sites of these traces (0 if none)."""
+    dims = [f.dim for tr in traces for s in tr.nodes.values() if s["type"] == "sample"
+            for f in s["cond_indep_stack"] if f.vectorized]
+    return -min(dims) if dims else 0
+
+
+@dataclass
+class LogWeights:
+    """Per-particle, per-datapoint log densities, each (K, B), unscaled.
+
+    ``log_lik``: observed sites of the model; ``log_prior``: latent sites of the
+    model; ``log_q``: the guide. ``scale`` is the data plate's N/B.
+    """
+
+    log_lik: torch.Tensor
+    log_prior: torch.Tensor
+    log_q: torch.Tensor
+    scale: float
+    guide_trace: object = None
+
+    @property
+    def log_w(self) -> torch.Tensor:
+        return self.log_lik + self.log_prior - self.log_q
+
+
+def detach_distribution(fn):
+    """The same distribution with its parameters detached (for DReG's log q)."""
+    if isinstance(fn, (dist.Independent, torch.distributions.Independent)):
+        return dist.Independent(detach_distribution(fn.base_dist), fn.reinterpreted_batch_ndims)
+    if isinstance(fn, torch.distributions.Normal):
+        return dist.Normal(fn.loc.detach(), fn.scale.detach())
+    if isinstance(fn, torch.distributions.MultivariateNormal):
+        return dist.MultivariateNormal(fn.loc.detach(), scale_tril=fn.scale_tril.detach())
+    raise UsageError(f"iwae-dreg supports Normal and MultivariateNormal guides, not {type(fn).__name__}")
+
+
+def log_weights(model_fn: Callable, guide_fn: Callable, x: torch.Tensor, n_particles: int,
+                max_plate_nesting: int = 1, plate: str = DATA_PLATE, detach_q_params: bool = False) -> LogWeights:
+    """log w_ik = log p(x_i, z_ik) - log q(z_ik | x_i) and its parts for K = ``n_particles``
+    vectorized draws per row of x (B rows): every site must lie in the data plate. With
+    ``detach_q_params`` log q is computed with the guide's distribution parameters
+    detached (the sample z keeps its path to them)."""
+    K, B = int(n_particles), int(x.shape[0])
+    guide_tr, model_tr = trace_pair(model_fn, guide_fn, (x,), K, max_plate_nesting)
+    zeros = x.new_zeros(K, B)
+    log_q, log_prior, log_lik = zeros, zeros, zeros
+    scale = 1.0
+    for site in guide_tr.nodes.values():
+        if not is_latent(site):
+            continue
+        if not site["fn"].has_rsample:
+            raise UsageError(f"guide site {site['name']!r} is not reparameterizable; "
+                             "importance-weighted objectives need reparameterized guides")
+        fn = detach_distribution(site["fn"]) if detach_q_params else None
+        log_q = log_q + per_row(site, K, B, plate, fn)
+    for site in model_tr.nodes.values():
+        if not is_scored(site):
+            continue
+        lp = per_row(site, K, B, plate)
+        if site["is_observed"]:
+            log_lik = log_lik + lp
+            scale = float(site["scale"])
+        else:
+            log_prior = log_prior + lp
+    return LogWeights(log_lik, log_prior, log_q, scale, guide_tr)
+
+
+def model_log_weights(model, x: torch.Tensor, rows: torch.Tensor | None, n_particles: int,
+                      detach_q_params: bool = False) -> LogWeights:
+    """:func:`log_weights` of a workbench model on the rows x at positions ``rows`` of its
+    training set (None: a set of its own)."""
+    with batch(model, x, rows):
+        return log_weights(model.model, model.guide, x, n_particles, model.max_plate_nesting, model.data_plate,
+                           detach_q_params)
+
+
+def whole_set_log_weights(model, x: torch.Tensor, rows: torch.Tensor | None, n_particles: int,
+                          chunk: int = 100) -> dict[str, torch.Tensor]:
+    """log p(X | theta_k), log p(theta_k) and log q(theta_k) of the whole set X (the rows
+    of x, scaled by the data plate to the set they stand for), for K independent draws
+    theta_k ~ q, vectorized in chunks: each (K,), float64; ``n_rows`` that set's size."""
+    nesting = model.max_plate_nesting
+    out: dict[str, list[torch.Tensor]] = {"log_lik": [], "log_prior": [], "log_q": []}
+    size = float(x.shape[0])
+    with torch.no_grad(), batch(model, x, rows):
+        for start in range(0, n_particles, chunk):
+            K = min(chunk, n_particles - start)
+            guide_tr, model_tr = trace_pair(model.model, model.guide, (x,), K, nesting)
+            terms = {k: x.new_zeros(K, dtype=torch.float64) for k in out}
+            for site in guide_tr.nodes.values():
+                if is_latent(site):
+                    terms["log_q"] = terms["log_q"] + per_particle(site, K, nesting)
+            for site in model_tr.nodes.values():
+                if not is_scored(site):
+                    continue
+                key = "log_lik" if site["is_observed"] else "log_prior"
+                terms[key] = terms[key] + per_particle(site, K, nesting)
+                if site["is_observed"] and in_plate(site, model.data_plate):
+                    size = x.shape[0] * float(site["scale"])
+            for k in out:
+                out[k].append(terms[k])
+    result = {k: torch.cat(v) for k, v in out.items()}
+    result["n_rows"] = torch.tensor(size)
+    return result
+
+
+def logmeanexp(a: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    return torch.logsumexp(a, dim) - math.log(a.shape[dim])
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def guide_trace(model, x: torch.Tensor, rows: torch.Tensor | None = None):
+    """One trace of the guide on the rows x (no gradient; the random-number stream is
+    left as it was; hidden from any enclosing trace)."""
+    with poutine.block(), torch.no_grad(), torch.random.fork_rng(), batch(model, x, rows):
+        return poutine.trace(model.guide).get_trace(x)
+
+
+def latent_names(model, x: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[list[str], list[str]]:
+    """(local, global) latent site names of the guide: inside the data plate or not."""
+    tr = guide_trace(model, x, rows)
+    local = [n for n, s in tr.nodes.items() if is_latent(s) and in_plate(s, model.data_plate)]
+    glob = [n for n, s in tr.nodes.items() if is_latent(s) and not in_plate(s, model.data_plate)]
+    return local, glob
+
+
+def local_site(model, x: torch.Tensor, rows: torch.Tensor | None = None, grad: bool = False):
+    """The guide's one local latent site on the rows x (its ``fn`` is q(z | x), batch (B,),
+    one event dimension). UsageError unless the guide samples exactly one latent, in
+    the data plate, with one event dimension."""
+    ctx = contextlib.nullcontext() if grad else torch.no_grad()
+    # hidden from any enclosing trace (a guide may ask for another guide's q while traced)
+    with poutine.block(), ctx, torch.random.fork_rng(), batch(model, x, rows):
+        tr = poutine.trace(model.guide).get_trace(x)
+    latent = [s for s in tr.nodes.values() if is_latent(s)]
+    name = type(model).__name__
+    if len(latent) != 1:
+        raise UsageError(f"{name}'s guide samples {', '.join(s['name'] for s in latent) or 'nothing'}; this needs "
+                         "exactly one local latent site")
+    site = latent[0]
+    if not in_plate(site, model.data_plate) or len(site["fn"].event_shape) != 1:
+        raise UsageError(f"{name}'s latent {site['name']!r} must sit in plate({model.data_plate!r}) with one "
+                         "event dimension")
+    return site
+
+
+def guide_posterior(model, x: torch.Tensor, rows: torch.Tensor | None = None,
+                    grad: bool = False) -> torch.distributions.Distribution:
+    """q(z | x) of the guide's one local latent on the rows x: batch (B,), event (k,)."""
+    return local_site(model, x, rows, grad)["fn"]
+
+
+def reads_row_indices(model, x: torch.Tensor) -> bool:
+    """Whether the guide reads the rows' positions in the training set (a per-datapoint
+    guide: a table indexed by the plate) rather than only their values (an encoder, or
+    global latents only). Such a guide cannot infer held-out rows. Measured, not
+    declared: the guide is run on one row as training row 0 and as a row past the end
+    of the training set; a guide that indexes anything by the position fails on the
+    second (an index out of range), one that does not runs both."""
+    x0 = x[:1]
+
+    def run(position: int) -> None:
+        with poutine.block(), torch.no_grad(), torch.random.fork_rng(), batch(model, x0, torch.tensor([position])):
+            poutine.trace(model.guide).get_trace(x0)
+
+    run(0)  # a guide that fails on a training row fails here, with its own error
+    try:
+        run(int(model.n_data) + 7)
+    except (IndexError, RuntimeError, ValueError):
+        return True
+    return False
+
+
+def check_new_rows(model, x: torch.Tensor, rows: torch.Tensor | None) -> None:
+    """Refuse to run a guide that reads the rows' positions (a per-datapoint table) on rows
+    given without their positions in its training set (``rows`` None): it would read other
+    rows' entries."""
+    if rows is None and reads_row_indices(model, x):
+        raise UsageError(f"{type(model).__name__}'s guide is per-datapoint (it reads the rows' positions in the "
+                         "training set) and cannot infer other rows; give the training rows with their positions")
+
+
+def infers_new_rows(model, x: torch.Tensor) -> bool:
+    """Whether the guide gives q(z | x) for rows it was not trained on (held-out rows):
+    it has local latents and does not read the rows' positions (an encoder). x: some
+    training rows (two are read)."""
+    local, _ = latent_names(model, x[:2])
+    return bool(local) and not reads_row_indices(model, x)
