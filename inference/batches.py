@@ -31,7 +31,7 @@ class EpochBatches(torch.utils.data.Sampler):
     def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True,
                  rank: int = 0, world_size: int = 1):
         if batch_size < 1:
-            raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch = 0

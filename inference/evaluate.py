@@ -140,7 +140,7 @@ def importance_estimates(model, x: torch.Tensor, n_samples: int, rows: torch.Ten
     as one vectorized plate and keeps each row's weights.
     """
     if int(n_samples) != n_samples or n_samples < 1:
-        raise UsageError(f"--n-samples must be an integer >= 1, got {n_samples}")
+        raise UsageError(f"n_samples must be an integer >= 1, got {n_samples}")
     n_samples, n = int(n_samples), int(x.shape[0])
     if n == 0:
         raise UsageError("importance sampling needs at least one row")

@@ -36,7 +36,7 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.util import prune_subsample_sites
 
 from elbolab.inference.errors import UsageError
-from elbolab.inference.traces import (DATA_PLATE, LogWeights, batch, is_latent, is_scored, log_weights, logmeanexp,
+from elbolab.inference.traces import (DATA_PLATE, LogWeights, batch, is_latent, vectorizes, is_scored, log_weights, logmeanexp,
                                       scaled_sum, trace_pair)
 
 OBJECTIVES = ("elbo", "elbo-analytic", "iwae", "renyi", "iwae-dreg")
@@ -49,6 +49,7 @@ class Objective:
     """``objective(model, guide, x) -> loss`` (scalar; whole-data-set nats)."""
 
     name = "objective"
+    vectorize = True  # particles as a vectorized plate (False: one at a time; set by ``loss`` from the model)
 
     def __init__(self, n_particles: int = 1, max_plate_nesting: int = 1, plate: str = DATA_PLATE):
         self.n_particles, self.max_plate_nesting, self.plate = n_particles, max_plate_nesting, plate
@@ -60,6 +61,7 @@ class Objective:
         """The loss of a workbench model (``models.protocol.Model``) on the rows x at
         positions ``rows`` of its training set (a mini-batch scaled to it; None: x is a
         set of its own)."""
+        self.vectorize = vectorizes(model)
         with batch(model, x, rows):
             return self(model.model, model.guide, x)
 
@@ -88,8 +90,14 @@ class PyroELBO(Objective):
         cls = pyro.infer.TraceMeanField_ELBO if self.analytic else pyro.infer.Trace_ELBO
         self.elbo = cls(num_particles=n_particles, vectorize_particles=n_particles > 1,
                         max_plate_nesting=max_plate_nesting)
+        self.sequential = None  # the same estimator drawing its particles one at a time
 
     def __call__(self, model, guide, x) -> torch.Tensor:
+        if not self.vectorize and self.n_particles > 1:  # Pyro's own loop over the particles
+            if self.sequential is None:
+                self.sequential = type(self.elbo)(num_particles=self.n_particles, vectorize_particles=False,
+                                                  max_plate_nesting=self.max_plate_nesting)
+            return self.sequential.differentiable_loss(model, guide, x)
         if is_validation_enabled():
             return self.elbo.differentiable_loss(model, guide, x)
         return self.lean_loss(model, guide, x)
@@ -142,7 +150,8 @@ class IWAE(Objective):
         return logmeanexp(lw.log_w, 0)  # (B,)
 
     def __call__(self, model, guide, x) -> torch.Tensor:
-        lw = log_weights(model, guide, x, self.n_particles, self.max_plate_nesting, self.plate)
+        lw = log_weights(model, guide, x, self.n_particles, self.max_plate_nesting, self.plate,
+                         vectorize=self.vectorize)
         return -lw.scale * self.bound(lw).sum()
 
 
@@ -165,6 +174,9 @@ class IWAEDReG(IWAE):
     name = "iwae-dreg"
 
     def __call__(self, model, guide, x) -> torch.Tensor:
+        if not self.vectorize:
+            raise UsageError("iwae-dreg reweights the gradients of vectorized particles; this model draws its "
+                             "particles one at a time (use iwae)")
         lw = log_weights(model, guide, x, self.n_particles, self.max_plate_nesting, self.plate, detach_q_params=True)
         log_w = lw.log_w
         if torch.is_grad_enabled():

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import pyro
 import pyro.distributions as dist
@@ -36,6 +36,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import site_is_subsample
 
 from elbolab.inference.errors import UsageError
+from elbolab.models.protocol import SequentialParticles
 
 DATA_PLATE = "data"
 PARTICLES_PLATE = "particles"
@@ -177,6 +178,22 @@ def trace_pair(model_fn: Callable, guide_fn: Callable, args: tuple, K: int = 1, 
     return guide_tr, model_tr
 
 
+def particle_traces(model_fn: Callable, guide_fn: Callable, args: tuple, K: int, nesting: int,
+                    vectorize: bool = True) -> list[tuple[Any, Any, int]]:
+    """[(guide trace, model trace, particles in it)]: one pair with K vectorized particles,
+    or (``vectorize`` False: a model not written for a particles plate, e.g. ``X @ w`` with
+    w a latent) K pairs of one particle each, without the plate."""
+    if vectorize:
+        return [(*trace_pair(model_fn, guide_fn, args, K, nesting), K)]
+    return [(*trace_pair(model_fn, guide_fn, args, 1, nesting, vectorize=False), 1) for _ in range(int(K))]
+
+
+def vectorizes(model) -> bool:
+    """Whether a workbench model takes its particles as a vectorized plate (every built-in
+    model does; a user's model may not: ``models.protocol.SequentialParticles``)."""
+    return not (isinstance(model, SequentialParticles) and model.sequential_particles)
+
+
 def guess_max_plate_nesting(model_fn: Callable, guide_fn: Callable, args: tuple, kwargs: dict | None = None) -> int:
     """The deepest vectorized plate of one run of the guide and the model replayed on it
     (what Pyro's ELBOs guess when not told)."""
@@ -225,34 +242,40 @@ def detach_distribution(fn):
 
 
 def log_weights(model_fn: Callable, guide_fn: Callable, x: torch.Tensor, n_particles: int,
-                max_plate_nesting: int = 1, plate: str = DATA_PLATE, detach_q_params: bool = False) -> LogWeights:
+                max_plate_nesting: int = 1, plate: str = DATA_PLATE, detach_q_params: bool = False,
+                vectorize: bool = True) -> LogWeights:
     """log w_ik = log p(x_i, z_ik) - log q(z_ik | x_i) and its parts for K = ``n_particles``
-    vectorized draws per row of x (B rows): every site must lie in the data plate. With
-    ``detach_q_params`` log q is computed with the guide's distribution parameters
-    detached (the sample z keeps its path to them)."""
-    K, B = int(n_particles), int(x.shape[0])
-    guide_tr, model_tr = trace_pair(model_fn, guide_fn, (x,), K, max_plate_nesting)
-    zeros = x.new_zeros(K, B)
-    log_q, log_prior, log_lik = zeros, zeros, zeros
+    draws per row of x (B rows; vectorized, or one at a time: ``particle_traces``): every
+    site must lie in the data plate. With ``detach_q_params`` log q is computed with the
+    guide's distribution parameters detached (the sample z keeps its path to them)."""
+    B = int(x.shape[0])
+    parts: dict[str, list[torch.Tensor]] = {"log_lik": [], "log_prior": [], "log_q": []}
     scale = 1.0
-    for site in guide_tr.nodes.values():
-        if not is_latent(site):
-            continue
-        if not site["fn"].has_rsample:
-            raise UsageError(f"guide site {site['name']!r} is not reparameterizable; "
-                             "importance-weighted objectives need reparameterized guides")
-        fn = detach_distribution(site["fn"]) if detach_q_params else None
-        log_q = log_q + per_row(site, K, B, plate, fn)
-    for site in model_tr.nodes.values():
-        if not is_scored(site):
-            continue
-        lp = per_row(site, K, B, plate)
-        if site["is_observed"]:
-            log_lik = log_lik + lp
-            scale = float(site["scale"])
-        else:
-            log_prior = log_prior + lp
-    return LogWeights(log_lik, log_prior, log_q, scale, guide_tr)
+    for guide_tr, model_tr, K in particle_traces(model_fn, guide_fn, (x,), n_particles, max_plate_nesting,
+                                                 vectorize):
+        zeros = x.new_zeros(K, B)
+        log_q, log_prior, log_lik = zeros, zeros, zeros
+        for site in guide_tr.nodes.values():
+            if not is_latent(site):
+                continue
+            if not site["fn"].has_rsample:
+                raise UsageError(f"guide site {site['name']!r} is not reparameterizable; "
+                                 "importance-weighted objectives need reparameterized guides")
+            fn = detach_distribution(site["fn"]) if detach_q_params else None
+            log_q = log_q + per_row(site, K, B, plate, fn)
+        for site in model_tr.nodes.values():
+            if not is_scored(site):
+                continue
+            lp = per_row(site, K, B, plate)
+            if site["is_observed"]:
+                log_lik = log_lik + lp
+                scale = float(site["scale"])
+            else:
+                log_prior = log_prior + lp
+        for key, value in (("log_lik", log_lik), ("log_prior", log_prior), ("log_q", log_q)):
+            parts[key].append(value)
+    cat = {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}
+    return LogWeights(cat["log_lik"], cat["log_prior"], cat["log_q"], scale, guide_tr)
 
 
 def model_log_weights(model, x: torch.Tensor, rows: torch.Tensor | None, n_particles: int,
@@ -261,7 +284,7 @@ def model_log_weights(model, x: torch.Tensor, rows: torch.Tensor | None, n_parti
     training set (None: a set of its own)."""
     with batch(model, x, rows):
         return log_weights(model.model, model.guide, x, n_particles, model.max_plate_nesting, model.data_plate,
-                           detach_q_params)
+                           detach_q_params, vectorizes(model))
 
 
 def whole_set_log_weights(model, x: torch.Tensor, rows: torch.Tensor | None, n_particles: int,
@@ -274,21 +297,22 @@ def whole_set_log_weights(model, x: torch.Tensor, rows: torch.Tensor | None, n_p
     size = float(x.shape[0])
     with torch.no_grad(), batch(model, x, rows):
         for start in range(0, n_particles, chunk):
-            K = min(chunk, n_particles - start)
-            guide_tr, model_tr = trace_pair(model.model, model.guide, (x,), K, nesting)
-            terms = {k: x.new_zeros(K, dtype=torch.float64) for k in out}
-            for site in guide_tr.nodes.values():
-                if is_latent(site):
-                    terms["log_q"] = terms["log_q"] + per_particle(site, K, nesting)
-            for site in model_tr.nodes.values():
-                if not is_scored(site):
-                    continue
-                key = "log_lik" if site["is_observed"] else "log_prior"
-                terms[key] = terms[key] + per_particle(site, K, nesting)
-                if site["is_observed"] and in_plate(site, model.data_plate):
-                    size = x.shape[0] * float(site["scale"])
-            for k in out:
-                out[k].append(terms[k])
+            pairs = particle_traces(model.model, model.guide, (x,), min(chunk, n_particles - start), nesting,
+                                    vectorizes(model))
+            for guide_tr, model_tr, K in pairs:
+                terms = {k: x.new_zeros(K, dtype=torch.float64) for k in out}
+                for site in guide_tr.nodes.values():
+                    if is_latent(site):
+                        terms["log_q"] = terms["log_q"] + per_particle(site, K, nesting)
+                for site in model_tr.nodes.values():
+                    if not is_scored(site):
+                        continue
+                    key = "log_lik" if site["is_observed"] else "log_prior"
+                    terms[key] = terms[key] + per_particle(site, K, nesting)
+                    if site["is_observed"] and in_plate(site, model.data_plate):
+                        size = x.shape[0] * float(site["scale"])
+                for k in out:
+                    out[k].append(terms[k])
     result = {k: torch.cat(v) for k, v in out.items()}
     result["n_rows"] = torch.tensor(size)
     return result
@@ -318,18 +342,27 @@ def latent_names(model, x: torch.Tensor, rows: torch.Tensor | None = None) -> tu
 
 def local_site(model, x: torch.Tensor, rows: torch.Tensor | None = None, grad: bool = False):
     """The guide's one local latent site on the rows x (its ``fn`` is q(z | x), batch (B,),
-    one event dimension). UsageError unless the guide samples exactly one latent, in
-    the data plate, with one event dimension."""
+    one event dimension). UsageError unless the guide samples exactly one latent (auxiliary
+    sites aside), in the data plate, with one event dimension. An automatic guide that
+    samples it as a ``Delta`` at the value of a Gaussian auxiliary site (``AutoNormal`` on a
+    real-valued latent: the identity transform) gives that Gaussian, under the latent's name."""
     ctx = contextlib.nullcontext() if grad else torch.no_grad()
     # hidden from any enclosing trace (a guide may ask for another guide's q while traced)
     with poutine.block(), ctx, torch.random.fork_rng(), batch(model, x, rows):
         tr = poutine.trace(model.guide).get_trace(x)
-    latent = [s for s in tr.nodes.values() if is_latent(s)]
+    latent = [s for s in tr.nodes.values() if is_latent(s) and not s["infer"].get("is_auxiliary", False)]
     name = type(model).__name__
     if len(latent) != 1:
         raise UsageError(f"{name}'s guide samples {', '.join(s['name'] for s in latent) or 'nothing'}; this needs "
                          "exactly one local latent site")
     site = latent[0]
+    fn = site["fn"]
+    base = fn.base_dist if isinstance(fn, torch.distributions.Independent) else fn
+    if isinstance(base, dist.Delta):
+        aux = [s for s in tr.nodes.values() if is_latent(s) and s["infer"].get("is_auxiliary", False)
+               and s["value"].shape == site["value"].shape and torch.equal(s["value"], site["value"])]
+        if len(aux) == 1:
+            site = {**aux[0], "name": site["name"]}
     if not in_plate(site, model.data_plate) or len(site["fn"].event_shape) != 1:
         raise UsageError(f"{name}'s latent {site['name']!r} must sit in plate({model.data_plate!r}) with one "
                          "event dimension")

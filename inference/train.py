@@ -92,7 +92,7 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
     check_config_for_data(config, data)
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if resume and (ckpt_path is None or not os.path.isfile(ckpt_path)):
-        raise UsageError(f"--resume: no checkpoint in {out_dir}")
+        raise UsageError(f"{out_dir}: no checkpoint to resume from")
     done_steps = 0
     if resume:
         done_steps = int(check_checkpoint(ckpt_path, model).get("global_step") or 0)

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from elbolab.inference.errors import UsageError
+from elbolab.inference.errors import ConfigError, UsageError
 from elbolab.models.datasources import DataSplits
-from elbolab.inference.objectives import build_objective
+from elbolab.inference.objectives import OBJECTIVES, build_objective
+from elbolab.models.common import config_from_dict, param
 
 VAL_SEED = 20_24  # validation draws use their own fixed seed: common random numbers
 MAX_SEED = 2**62  # seeds are offset by ranks and splits; torch takes at most 2**64 - 1
@@ -28,54 +29,60 @@ MAX_TENSOR_ELEMENTS = 1 << 27
 class TrainConfig:
     """How to train (the model's own Config says what to train)."""
 
-    objective: str = "elbo"
-    n_particles: int = 1
-    alpha: float | None = None  # Renyi alpha (objective "renyi" only)
-    lr: float = 1e-3
-    lr_final: float | None = None  # exponential decay of the rate to this value over the run
-    batch_size: int = 100
-    epochs: int | None = 10
-    steps: int | None = None  # wins over epochs when given
-    clip_norm: float | None = None
-    val_every: int | None = None  # validation ELBO every this many steps (None: each epoch)
-    patience: int | None = None  # early stopping: validations without improvement
-    val_particles: int = 1
-    seed: int = 0
-    checkpoint_every: int | None = None  # epochs between checkpoints (None: about every 100 steps)
-    threads: int | None = None
-    progress: bool | None = None  # None: a bar when stderr is a terminal
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    accelerator: str = "cpu"
-    sparse_rows: bool = False  # per-datapoint tables by SparseAdam: only the batch's rows (and moments) move
+    objective: str = param("elbo", "the bound to maximize", choices=OBJECTIVES)
+    n_particles: int = param(1, "samples K per datapoint (vectorized) in the objective")
+    alpha: float | None = param(None, "Renyi alpha (objective renyi only; default 0.5)")
+    lr: float = param(1e-3, "Adam learning rate")
+    lr_final: float | None = param(None, "decay the rate exponentially to this value over the run")
+    batch_size: int = param(100, "rows per mini-batch")
+    epochs: int | None = param(10, "passes over the training rows, in all (with --resume too: not more)")
+    steps: int | None = param(None, "optimizer steps in all (wins over epochs)")
+    clip_norm: float | None = param(None, "clip the gradient norm to this value")
+    val_every: int | None = param(None, "validation ELBO every this many steps (default: every epoch)")
+    patience: int | None = param(None, "stop after this many validations without improvement")
+    val_particles: int = param(1, "samples per row of the validation ELBO")
+    seed: int = param(0, "random seed: initialization, mini-batch order, draws")
+    checkpoint_every: int | None = param(None, "epochs between checkpoints (default: about every 100 steps, "
+                                               "and at the end)")
+    threads: int | None = param(None, "torch CPU threads (default: torch's)")
+    progress: bool | None = param(None, "progress bar (default: when stderr is a terminal)")
+    devices: int = param(1, "processes (or GPUs) per node")
+    num_nodes: int = param(1, "machines")
+    strategy: str = param("auto", "Lightning strategy, e.g. ddp")
+    accelerator: str = param("cpu", "cpu, gpu, auto")
+    sparse_rows: bool = param(False, "update per-datapoint tables by SparseAdam: a step moves only its batch's rows "
+                                     "(and their Adam moments), O(batch) instead of O(N) work")
 
     def __post_init__(self):
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+            raise UsageError(f"lr must be a positive number, got {self.lr}")
         if self.lr_final is not None and not self.lr_final > 0:
-            raise UsageError(f"--lr-final must be positive, got {self.lr_final}")
+            raise UsageError(f"lr_final must be positive, got {self.lr_final}")
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.steps is None and (self.epochs is None or self.epochs < 1):
-            raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
+            raise UsageError(f"epochs must be >= 1, got {self.epochs}")
         if self.steps is not None and self.steps < 1:
-            raise UsageError(f"--steps must be >= 1, got {self.steps}")
+            raise UsageError(f"steps must be >= 1, got {self.steps}")
         if self.clip_norm is not None and not self.clip_norm > 0:
-            raise UsageError(f"--clip-norm must be positive, got {self.clip_norm}")
+            raise UsageError(f"clip_norm must be positive, got {self.clip_norm}")
         if self.val_every is not None and self.val_every < 1:
-            raise UsageError(f"--val-every must be >= 1, got {self.val_every}")
+            raise UsageError(f"val_every must be >= 1, got {self.val_every}")
         if self.patience is not None and self.patience < 1:
-            raise UsageError(f"--patience must be >= 1, got {self.patience}")
+            raise UsageError(f"patience must be >= 1, got {self.patience}")
+        if self.val_particles < 1:
+            raise UsageError(f"val_particles must be >= 1, got {self.val_particles}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise UsageError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
-            raise UsageError(f"--threads must be in 1..{MAX_THREADS}, got {self.threads}")
-        if not (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED):
-            raise UsageError(f"--seed must be an integer in [0, 2**62), got {self.seed}")
+            raise UsageError(f"threads must be in 1..{MAX_THREADS}, got {self.threads}")
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < MAX_SEED):
+            raise UsageError(f"seed must be an integer in [0, 2**62), got {self.seed}")
         if self.devices < 1 or self.num_nodes < 1:
-            raise UsageError("--devices and --num-nodes must be >= 1")
+            raise UsageError("devices and num_nodes must be >= 1")
         if any(w in self.strategy for w in ("spawn", "fork", "notebook")):
-            raise UsageError(f"--strategy {self.strategy}: the fit would live in spawned processes and its result "
-                             "not come back; use --strategy ddp (the launcher runs the whole program per process)")
+            raise UsageError(f"strategy {self.strategy}: the fit would live in spawned processes and its result "
+                             "not come back; use strategy ddp (the launcher runs the whole program per process)")
         build_objective(self.objective, self.n_particles, self.alpha)  # validates the three
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,23 +90,21 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"TrainConfig has no field(s) {', '.join(unknown)}")
-        return cls(**d)
-
+        """From a dict (parsed JSON): unknown fields and values of the wrong type are refused."""
+        try:
+            return config_from_dict(cls, d)
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
 
 
 def check_config_for_data(config: TrainConfig, data: DataSplits) -> None:
     """The checks that need both the training config and the data (before any work)."""
-    if config.batch_size > data.n_train:
-        raise UsageError(f"--batch-size {config.batch_size} is larger than the {data.n_train} training rows")
-    size = config.n_particles * config.batch_size * data.data_dim
+    batch = min(config.batch_size, data.n_train)  # a batch larger than the training set is the whole set
+    size = config.n_particles * batch * data.data_dim
     if size > MAX_TENSOR_ELEMENTS:
-        raise UsageError(f"--n-particles {config.n_particles} x --batch-size {config.batch_size} x "
+        raise UsageError(f"n_particles {config.n_particles} x batch_size {batch} x "
                          f"{data.data_dim} data dimensions = {size:.3g} values in one tensor, more than the "
-                         f"{MAX_TENSOR_ELEMENTS:.3g} allowed; lower --n-particles or --batch-size")
+                         f"{MAX_TENSOR_ELEMENTS:.3g} allowed; lower n_particles or batch_size")
     if config.val_particles * data.data_dim > MAX_TENSOR_ELEMENTS:
         raise UsageError(f"val_particles {config.val_particles} x {data.data_dim} data dimensions is more "
                          f"than the {MAX_TENSOR_ELEMENTS:.3g} values allowed in one tensor")
@@ -124,8 +129,8 @@ def check_trainer_flags(config: TrainConfig) -> None:
                        enable_progress_bar=False, enable_model_summary=False)
     except Exception as e:  # Lightning raises ValueError, MisconfigurationException, RuntimeError ...
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UsageError(f"--accelerator {config.accelerator} --strategy {config.strategy} --devices "
-                         f"{config.devices} --num-nodes {config.num_nodes}: {first}") from None
+        raise UsageError(f"accelerator {config.accelerator}, strategy {config.strategy}, devices "
+                         f"{config.devices}, num_nodes {config.num_nodes}: {first}") from None
 
 
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from typing import Any, Sequence, TypeVar
 
 import pyro
@@ -24,21 +27,67 @@ C = TypeVar("C")
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "softplus": nn.Softplus}
 
 
+def param(default, help: str, **metadata):
+    """A Config field with its help text (and e.g. ``choices``): a Config is declared once,
+    and the command line's flags and their help are generated from its fields."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def field_types(cls) -> dict[str, Any]:
+    """Each field of a Config dataclass and its type (annotations resolved)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _accepts(kind, value) -> bool:
+    """Whether a JSON value is of the annotated type: int (not bool, not 2.0), float (any
+    finite number, ints included), str, bool, tuple[int, ...] (a list or tuple of ints),
+    and X | None."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return any(_accepts(k, value) for k in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str)
+    if typing.get_origin(kind) is tuple:
+        (item, *_), = [typing.get_args(kind)]
+        return isinstance(value, (list, tuple)) and all(_accepts(item, v) for v in value)
+    return True
+
+
+def describe_type(kind) -> str:
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return " or ".join(describe_type(k) for k in typing.get_args(kind))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}.get(kind, "a list of integers" if typing.get_origin(kind) is tuple else str(kind))
+
+
 def config_to_dict(config) -> dict[str, Any]:
     d = dataclasses.asdict(config)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def config_from_dict(cls: type[C], d: dict[str, Any]) -> C:
-    """Build a frozen Config from a dict (e.g. parsed JSON); unknown keys are an error."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
+    """Build a frozen Config from a dict (e.g. parsed JSON): unknown keys and values of the
+    wrong type (``latent_dim: 2.0``, ``hidden: "x"``) are ConfigErrors naming the field;
+    the Config's own checks then see well-typed values."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cls.__name__} must be an object of fields, got {type(d).__name__}")
+    kinds = field_types(cls)
+    unknown = sorted(set(d) - set(kinds))
     if unknown:
         raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
     kw = {}
     for k, v in d.items():
-        default = fields[k].default
-        kw[k] = tuple(v) if isinstance(v, list) and isinstance(default, tuple) else v
+        if not _accepts(kinds[k], v):
+            raise ConfigError(f"{k} must be {describe_type(kinds[k])}, got {json.dumps(v, default=str)[:60]}")
+        kw[k] = tuple(v) if isinstance(v, list) else v
     return cls(**kw)
 
 

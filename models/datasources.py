@@ -254,7 +254,7 @@ def load_idx_pair(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 28*28) in [0, 1] and labels (N,) of ``split`` in {"train", "t10k"}."""
     if not os.path.isdir(data_dir):
         what = "is not a directory" if os.path.exists(data_dir) else "no such directory"
-        raise DataError(f"{data_dir}: {what} (--data-dir)")
+        raise DataError(f"{data_dir}: {what} (the data directory)")
     ipath = _find(data_dir, f"{split}-images-idx3-ubyte")
     lpath = _find(data_dir, f"{split}-labels-idx1-ubyte")
     images, labels = read_idx(ipath), read_idx(lpath)
@@ -428,8 +428,8 @@ def load_dataset(
     set and carve the validation rows out of the training set with ``split_seed``.
     """
     if binarize not in BINARIZE:
-        raise DataError(f"--binarize must be one of {', '.join(BINARIZE)}, got {binarize!r}")
-    for label, frac in (("--val-fraction", val_fraction), ("test fraction", test_fraction)):
+        raise DataError(f"binarize must be one of {', '.join(BINARIZE)}, got {binarize!r}")
+    for label, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= frac < 1.0:
             raise DataError(f"{label} must be in [0, 1), got {frac:g}")
     to_t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
@@ -454,7 +454,7 @@ def load_dataset(
         )
     elif name in IDX_DATASETS:
         if data_dir is None:
-            raise DataError(f"--dataset {name} needs --data-dir DIR holding its IDX files")
+            raise DataError(f"dataset {name} needs data_dir, the directory holding its IDX files")
         x_train, y_train = load_idx_pair(data_dir, "train")
         x_test, y_test = load_idx_pair(data_dir, "t10k")
         if x_train.shape[1] != x_test.shape[1]:
@@ -470,5 +470,5 @@ def load_dataset(
             test_labels=torch.as_tensor(y_test),
         )
     else:
-        raise DataError(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)} or pass --data PATH")
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or give a data file")
     return _binarize(splits, binarize)

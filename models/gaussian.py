@@ -65,7 +65,7 @@ from pyro.infer import autoguide
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
 
-from elbolab.models.common import DATA_PLATE, ConfigError, data_plate
+from elbolab.models.common import DATA_PLATE, ConfigError, data_plate, param
 
 PRIORS = ("normal-wishart", "normal-gamma", "known-scale")
 GUIDES = ("mean-field", "full-rank", "structured")
@@ -74,20 +74,20 @@ F64 = torch.float64
 
 @dataclass(frozen=True)
 class GaussianConfig:
-    prior: str = "normal-wishart"
-    guide: str = "mean-field"
-    prior_loc: float = 0.0  # m0, the prior mean of every coordinate of loc
-    prior_kappa: float = 0.01  # kappa0: loc's prior covariance is (kappa0 precision)^-1, here 100x the data's
-    prior_df: float | None = None  # nu0 > d - 1 (None: d + 2)
-    prior_scale: float = 1.0  # s0: the prior mean of the precision is I / s0^2
-    noise_scale: float = 1.0  # the known scale of each coordinate (prior "known-scale" only)
-    init_scale: float = 0.1  # initial spread of the automatic guides (unconstrained space)
+    prior: str = param("normal-wishart", "conjugate prior (normal-gamma: 1-D data)", choices=PRIORS)
+    guide: str = param("mean-field", "guide family", choices=GUIDES)
+    prior_loc: float = param(0.0, "m0, the prior mean of every coordinate of loc")
+    prior_kappa: float = param(0.01, "kappa0: loc's prior covariance is (kappa0 precision)^-1")
+    prior_df: float | None = param(None, "nu0 > d - 1, the prior's degrees of freedom (default: d + 2)")
+    prior_scale: float = param(1.0, "s0: the prior mean of the precision is I / s0^2")
+    noise_scale: float = param(1.0, "the known scale of each coordinate (prior known-scale only)")
+    init_scale: float = param(0.1, "initial spread of the automatic guides (unconstrained space)")
 
     def __post_init__(self):
         if self.prior not in PRIORS:
-            raise ConfigError(f"--prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
+            raise ConfigError(f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
         if self.guide not in GUIDES:
-            raise ConfigError(f"--guide for gaussian must be one of {', '.join(GUIDES)}, got {self.guide!r}")
+            raise ConfigError(f"guide for gaussian must be one of {', '.join(GUIDES)}, got {self.guide!r}")
         for name in ("prior_kappa", "prior_scale", "noise_scale", "init_scale"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -498,7 +498,7 @@ class BayesianGaussian(PyroModule):
         super().__init__()
         d = data_dim
         if config.prior == "normal-gamma" and d != 1:
-            raise ConfigError(f"--prior normal-gamma is one-dimensional; the data have {d} columns "
+            raise ConfigError(f"prior normal-gamma is one-dimensional; the data have {d} columns "
                               "(use normal-wishart)")
         df = config.df(d)
         if config.prior != "known-scale" and not df > d - 1:
@@ -551,7 +551,8 @@ class BayesianGaussian(PyroModule):
             pyro.sample("x", dist.Normal(loc, scale).to_event(1), obs=x)  # (..., B, d)
 
     def guide(self, x: torch.Tensor) -> None:
-        self.approx(x)
+        # forward, not __call__: the guide's parameters stay the module's own (see models/__init__.py)
+        self.approx.forward(x)
 
     # -- exact answers -----------------------------------------------------------
 

@@ -50,22 +50,23 @@ from pyro.nn import PyroModule, PyroParam
 from torch import nn
 from torch.distributions import constraints
 
-from elbolab.models.common import DATA_PLATE, ConfigError, PerDatapointMultivariateNormal, PerDatapointNormal, data_plate
+from elbolab.models.common import (DATA_PLATE, ConfigError, PerDatapointMultivariateNormal, PerDatapointNormal,
+                                   data_plate, param)
 
 GUIDES = ("amortized-full", "amortized-diag", "per-datapoint", "per-datapoint-full")
 
 
 @dataclass(frozen=True)
 class PPCAConfig:
-    latent_dim: int = 2
-    guide: str = "amortized-full"
-    init_scale: float = 0.1  # scale of the random initial W and of the guides' initial spread
+    latent_dim: int = param(2, "latent dimension k")
+    guide: str = param("amortized-full", "guide family", choices=GUIDES)
+    init_scale: float = param(0.1, "scale of the random initial W and of the guides' initial spread")
 
     def __post_init__(self):
         if self.latent_dim < 1:
-            raise ConfigError(f"--latent-dim must be >= 1, got {self.latent_dim}")
+            raise ConfigError(f"latent_dim must be >= 1, got {self.latent_dim}")
         if self.guide not in GUIDES:
-            raise ConfigError(f"--guide for ppca must be one of {', '.join(GUIDES)}, got {self.guide!r}")
+            raise ConfigError(f"guide for ppca must be one of {', '.join(GUIDES)}, got {self.guide!r}")
         if not self.init_scale > 0:
             raise ConfigError(f"init_scale must be > 0, got {self.init_scale}")
 
@@ -104,9 +105,7 @@ class PPCA(PyroModule):
     def __init__(self, config: PPCAConfig, data_dim: int, n_data: int):
         super().__init__()
         if config.latent_dim > data_dim:
-            raise ConfigError(
-                f"--latent-dim {config.latent_dim} is larger than the data dimension {data_dim}"
-            )
+            raise ConfigError(f"latent_dim {config.latent_dim} is larger than the data dimension {data_dim}")
         self.config, self.data_dim, self.n_data = config, data_dim, n_data
         self.latent_dim = k = config.latent_dim
         self.W = PyroParam(config.init_scale * torch.randn(data_dim, k))

@@ -41,6 +41,15 @@ class Model(Protocol):
 
 
 @runtime_checkable
+class SequentialParticles(Protocol):
+    """A model whose sites are not written for a vectorized particles plate (e.g. ``X @ w``
+    with w a latent vector): ``sequential_particles`` True means that several draws per
+    row are made one at a time (as Pyro's ELBOs do without ``vectorize_particles``)."""
+
+    sequential_particles: bool
+
+
+@runtime_checkable
 class ExactLikelihood(Protocol):
     def exact_log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x_i) per row (B,), float64, at the current parameters."""

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
 
-from elbolab.models.common import ACTIVATIONS, DATA_PLATE, BernoulliLogits, ConfigError, PerDatapointNormal, data_plate, mlp
+from elbolab.models.common import (ACTIVATIONS, DATA_PLATE, BernoulliLogits, ConfigError, PerDatapointNormal,
+                                   data_plate, mlp, param)
 
 GUIDES = ("amortized", "per-datapoint")
 MIN_SCALE = 1e-4  # floor of the encoder's scale (a variance floor of 1e-8, as in the CS236 code)
@@ -45,21 +46,21 @@ MIN_SCALE = 1e-4  # floor of the encoder's scale (a variance floor of 1e-8, as i
 class VAEConfig:
     """Defaults: the CS236 homework's VAE (k = 10, 300-300 ELU)."""
 
-    latent_dim: int = 10
-    hidden: tuple[int, ...] = (300, 300)
-    activation: str = "elu"
-    guide: str = "amortized"
-    init_scale: float = 0.1  # initial scale of the per-datapoint guide
+    latent_dim: int = param(10, "latent dimension k")
+    hidden: tuple[int, ...] = param((300, 300), "hidden layer sizes of the encoder; the decoder's reversed")
+    activation: str = param("elu", "activation of the hidden layers", choices=tuple(ACTIVATIONS))
+    guide: str = param("amortized", "guide family", choices=GUIDES)
+    init_scale: float = param(0.1, "initial scale of the per-datapoint guide")
 
     def __post_init__(self):
         if self.latent_dim < 1:
-            raise ConfigError(f"--latent-dim must be >= 1, got {self.latent_dim}")
+            raise ConfigError(f"latent_dim must be >= 1, got {self.latent_dim}")
         if not self.hidden or min(self.hidden) < 1:
-            raise ConfigError(f"--hidden must be positive layer sizes, got {self.hidden}")
+            raise ConfigError(f"hidden must be positive layer sizes, got {self.hidden}")
         if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+            raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if self.guide not in GUIDES:
-            raise ConfigError(f"--guide for the VAE must be one of {', '.join(GUIDES)}, got {self.guide!r}")
+            raise ConfigError(f"guide for the VAE must be one of {', '.join(GUIDES)}, got {self.guide!r}")
         if not self.init_scale > 0:
             raise ConfigError(f"init_scale must be > 0, got {self.init_scale}")
 
@@ -68,12 +69,12 @@ class VAEConfig:
 class GMVAEConfig(VAEConfig):
     """Defaults: the CS236 homework's GMVAE (k = 10, 500 components, 300-300 ELU)."""
 
-    n_components: int = 500
+    n_components: int = param(500, "components of the mixture prior")
 
     def __post_init__(self):
         super().__post_init__()
         if self.n_components < 1:
-            raise ConfigError(f"--n-components must be >= 1, got {self.n_components}")
+            raise ConfigError(f"n_components must be >= 1, got {self.n_components}")
 
 
 class Encoder(PyroModule):

@@ -1,26 +1,30 @@
-"""What every script shares: one-line errors with exit status 2, the data and
-training flags, and the run directory (refuse to clobber, lock against a second
-writer)."""
+"""What every program shares: one-line errors with exit status 2, flags generated from
+the Configs' fields (a default is declared once, in its Config), the data flags and the
+output flags. The run directory itself (refuse to clobber, lock against a second
+writer) is ``inference.runs.RunDir``."""
 
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextlib
-import errno
+import dataclasses
 import functools
-import os
+import math
 import sys
+import types
+import typing
 from typing import Any, Callable
 
 from elbolab.inference.errors import NonFiniteError, UsageError
-from elbolab.inference.files import remove_temporaries
-from elbolab.models.datasources import BINARIZE, DATASETS, DataSplits, check_binary, check_unit_interval, load_dataset
-from elbolab.models.common import ConfigError
+from elbolab.inference.runs import DataSpec, LoadedRun, read_run, resolve_binarize
+from elbolab.inference.train_config import TrainConfig
+from elbolab.models.common import field_types
+from elbolab.models.datasources import BINARIZE, DATASETS
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-LOCK = ".lock"
+# what a program's user can do about a non-empty --out
+REFUSAL = "pass --overwrite to replace what it holds"
+REFUSAL_RUN = "pass --overwrite to replace its run or --resume to continue it"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -30,8 +34,17 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help with each flag's default shown, unless it is None (the flag's absence means
+    something its help says) or the help states it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("(default" not in text and "%(default)" not in text and action.default is not None
+                and action.default is not argparse.SUPPRESS and action.option_strings
+                and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            text += " (default: %(default)s)"
+        return text
 
 
 def parser(prog: str, description: str, epilog: str = "") -> ArgumentParser:
@@ -39,7 +52,7 @@ def parser(prog: str, description: str, epilog: str = "") -> ArgumentParser:
 
 
 def guarded(prog: str) -> Callable:
-    """Run a script's main and return its exit status, never a traceback for these:
+    """Run a program's main and return its exit status, never a traceback for these:
 
     * user errors (a flag, a file, a value; argparse's own) -> one line, exit 2;
     * a non-finite loss -> one line, exit 1 (the last good checkpoint is kept);
@@ -54,7 +67,7 @@ def guarded(prog: str) -> Callable:
                 return int(main(argv, **hooks) or 0)
             except SystemExit as e:  # argparse: --help (0) or a usage error (2, its line already printed)
                 return 0 if e.code is None else e.code if isinstance(e.code, int) else EXIT_USAGE
-            except (UsageError, ConfigError) as e:
+            except UsageError as e:
                 print(f"{prog}: error: {e}", file=sys.stderr)
                 return EXIT_USAGE
             except NonFiniteError as e:
@@ -76,13 +89,30 @@ def guarded(prog: str) -> Callable:
     return deco
 
 
-def positive_int(text: str) -> int:
+# ----------------------------------------------------------------------------- values
+
+
+def integer(text: str) -> int:
     try:
-        v = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    v = integer(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return v
 
 
@@ -97,6 +127,9 @@ def positive_float(text: str) -> float:
 
 
 def int_list(text: str) -> tuple[int, ...]:
+    """Comma-separated positive integers, e.g. 300,300; "none" is the empty list."""
+    if text.strip().lower() == "none":
+        return ()
     try:
         vals = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
@@ -106,231 +139,188 @@ def int_list(text: str) -> tuple[int, ...]:
     return vals
 
 
+# ----------------------------------------------------------------------------- flags from Configs
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _union_args(kind) -> tuple:
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return typing.get_args(kind)
+    return ()
+
+
+def _parser_for(kind, positive: bool):
+    """The argparse ``type`` of a Config field's annotation (``X | None`` also takes "none")."""
+    args = _union_args(kind)
+    base = next((a for a in args if a is not type(None)), kind) if args else kind
+    if typing.get_origin(base) is tuple:
+        parse = int_list
+    elif base is int:
+        parse = positive_int if positive else integer
+    elif base is float:
+        parse = positive_float if positive else finite_float
+    else:
+        parse = str
+    if type(None) not in args:
+        return parse
+
+    def parse_optional(text: str):
+        return None if text.strip().lower() == "none" else parse(text)
+
+    parse_optional.__name__ = getattr(parse, "__name__", "value")
+    return parse_optional
+
+
+def _describe_default(v) -> str:
+    if isinstance(v, tuple):
+        return ",".join(map(str, v)) or "none"
+    return "none" if v is None else str(v)
+
+
+def add_config_args(group, classes: dict[str, type], *, only=None, exclude=(), defaults: dict | None = None,
+                    positive=()) -> list[str]:
+    """A flag ``--field-name`` for each field of the Config dataclasses ``classes`` (label ->
+    class; a field several have gets one flag): its help is the field's ``help`` with each
+    class's default (``defaults``: what a program uses instead) and the field's choices;
+    its value is checked by the Config when that is built. The flags default to None: a
+    value the user did not give is the Config's (or the program's) default. ``positive``:
+    fields whose value must be >= 1 (integers) or > 0 (numbers), checked here. Returns
+    the field names."""
+    seen: dict[str, list] = {}
+    for label, cls in classes.items():
+        kinds = field_types(cls)
+        for f in dataclasses.fields(cls):
+            if (only is not None and f.name not in only) or f.name in exclude:
+                continue
+            seen.setdefault(f.name, []).append((label, f, kinds[f.name]))
+    defaults = defaults or {}
+    for name, where in seen.items():
+        _, f, kind = where[0]
+        text = f.metadata.get("help", name.replace("_", " "))
+        notes = []
+        if len(where) < len(classes):
+            notes.append(f"{', '.join(label for label, _, _ in where)} only")
+        if name in defaults:
+            notes.append(f"default: {_describe_default(defaults[name])}")
+        else:
+            values = {label: fl.default for label, fl, _ in where}
+            if len(set(map(_describe_default, values.values()))) == 1:
+                value = next(iter(values.values()))
+                if value is not None:  # None: the help says what the field's absence means
+                    notes.append(f"default: {_describe_default(value)}")
+            else:
+                notes.append("default: " + ", ".join(f"{label} {_describe_default(v)}" for label, v in values.items()))
+        if notes:
+            text += f" ({'; '.join(notes)})"
+        choices = [c for _, fl, _ in where for c in fl.metadata.get("choices", ())]
+        if choices:
+            text += "; one of " + ", ".join(dict.fromkeys(choices))
+        if kind is bool or set(_union_args(kind)) == {bool, type(None)}:
+            group.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            group.add_argument(flag(name), dest=name, type=_parser_for(kind, name in positive), default=None,
+                               metavar=name.upper(), help=text)
+    return list(seen)
+
+
+def config_args(args: argparse.Namespace, cls: type, names, label: str = "") -> dict[str, Any]:
+    """The values given on the command line (not None) among the flags ``names`` that are
+    fields of ``cls``; a flag given for a field ``cls`` does not have is refused."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    stray = sorted(set(given) - fields)
+    if stray:
+        raise UsageError(f"{', '.join(flag(n) for n in stray)} does not apply{' to ' + label if label else ''}")
+    return given
+
+
 # ----------------------------------------------------------------------------- data
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="digits", choices=DATASETS,
-                   help="built-in digits (8x8, scikit-learn), or MNIST / Fashion-MNIST IDX files in --data-dir")
+                   help="built-in digits (8x8, scikit-learn), or MNIST / Fashion-MNIST IDX files in --data-dir "
+                        "(default: digits)")
     g.add_argument("--data", metavar="PATH", default=None,
                    help="your own matrix (.npy, .npz or .csv, one row per datapoint); wins over --dataset")
     g.add_argument("--data-dir", metavar="DIR", default=None,
                    help="directory holding train-images-idx3-ubyte[.gz] and the other IDX files")
     g.add_argument("--binarize", default="auto", choices=("auto",) + BINARIZE,
-                   help="auto: threshold 0.5 for the digits, dynamic for MNIST-style sets under a Bernoulli "
-                        "decoder; none otherwise")
+                   help="auto: threshold 0.5 for the digits, dynamic for MNIST-style sets under a "
+                        "Bernoulli decoder; none otherwise")
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the training rows (MNIST-style sets, --data) held out for validation; "
-                        "the digits split is fixed (1257/270/270)")
+                        "the digits split is fixed (1257/270/270) (default: 0.1)")
 
 
-def resolve_binarize(binarize: str, dataset: str, data_path: str | None, likelihood: str) -> str:
-    if binarize != "auto":
-        return binarize
-    if likelihood != "bernoulli" or data_path is not None:
-        return "none"
-    return "threshold" if dataset == "digits" else "dynamic"
-
-
-def data_spec(args: argparse.Namespace, likelihood: str) -> dict[str, Any]:
-    return {
+def data_spec(args: argparse.Namespace, likelihood: str | None) -> DataSpec:
+    """The data flags as a ``DataSpec`` (``--binarize auto`` resolved for the likelihood)."""
+    return DataSpec.from_dict({
         "dataset": args.dataset, "data_path": args.data, "data_dir": args.data_dir,
         "binarize": resolve_binarize(args.binarize, args.dataset, args.data, likelihood),
-        "val_fraction": args.val_fraction,
-    }
+        "val_fraction": args.val_fraction}, "the data flags")
 
 
-def load_data(spec: dict[str, Any], likelihood: str) -> DataSplits:
-    """Load and check the data for a model with this likelihood ("bernoulli"/"gaussian")."""
-    data = load_dataset(spec["dataset"], data_dir=spec.get("data_dir"), data_path=spec.get("data_path"),
-                        binarize=spec["binarize"], val_fraction=spec.get("val_fraction", 0.1))
-    if likelihood == "bernoulli":
-        src = data.source
-        if data.binarize == "dynamic":
-            check_unit_interval(data.train, src)
-        else:
-            check_binary(data.train, src)
-    return data
+# ----------------------------------------------------------------------------- training and output
 
 
-# ----------------------------------------------------------------------------- training
+TRAIN_POSITIVE = ("n_particles", "lr", "lr_final", "batch_size", "epochs", "steps", "clip_norm", "val_every",
+                  "patience", "val_particles", "checkpoint_every", "threads", "devices", "num_nodes")
+DISTRIBUTED = ("devices", "num_nodes", "strategy", "accelerator")
 
 
-def add_train_args(p: argparse.ArgumentParser, epochs: int = 10) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--objective", default="elbo",
-                   choices=("elbo", "elbo-analytic", "iwae", "renyi", "iwae-dreg"),
-                   help="the bound to maximize")
-    g.add_argument("--n-particles", type=positive_int, default=1,
-                   help="samples K per datapoint (vectorized) in the objective")
-    g.add_argument("--alpha", type=float, default=None, help="Renyi alpha (--objective renyi; default 0.5)")
-    g.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the training rows")
-    g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (wins over --epochs)")
-    g.add_argument("--batch-size", type=positive_int, default=100, help="rows per mini-batch")
-    g.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-    g.add_argument("--lr-final", type=positive_float, default=None,
-                   help="decay the rate exponentially to this value over the run")
-    g.add_argument("--clip-norm", type=positive_float, default=None, help="clip the gradient norm to this value")
-    g.add_argument("--val-every", type=positive_int, default=None,
-                   help="validation ELBO every this many steps (default: every epoch)")
-    g.add_argument("--patience", type=positive_int, default=None,
-                   help="stop after this many validations without improvement")
-    g.add_argument("--checkpoint-every", type=positive_int, default=None,
-                   help="epochs between checkpoints (default: about every 100 steps, and at the end)")
-    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when stderr is a terminal)")
-    d = p.add_argument_group("distributed (passed to Lightning)")
-    d.add_argument("--devices", type=positive_int, default=1, help="processes (or GPUs) per node")
-    d.add_argument("--num-nodes", type=positive_int, default=1, help="machines")
-    d.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
-    d.add_argument("--accelerator", default="cpu", help="cpu, gpu, auto")
-    d.add_argument("--sparse-rows", action="store_true",
-                   help="update per-datapoint tables by SparseAdam: a step moves only its batch's rows (and their "
-                        "Adam moments), O(batch) instead of O(N) work; default: dense Adam over the whole table")
+def add_train_args(p: argparse.ArgumentParser, defaults: dict | None = None, only=None) -> list[str]:
+    """The training flags, generated from ``TrainConfig``'s fields (the distributed ones in
+    a group of their own; ``--seed`` is an output flag). Returns the field names."""
+    names = add_config_args(p.add_argument_group("training"), {"train": TrainConfig}, only=only,
+                            exclude=DISTRIBUTED + ("seed",), defaults=defaults, positive=TRAIN_POSITIVE)
+    if only is None or any(n in only for n in DISTRIBUTED):
+        names += add_config_args(p.add_argument_group("distributed (passed to Lightning)"), {"train": TrainConfig},
+                                 only=[n for n in DISTRIBUTED if only is None or n in only], defaults=defaults,
+                                 positive=TRAIN_POSITIVE)
+    return names
 
 
-def train_values(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "objective": args.objective, "n_particles": args.n_particles, "alpha": args.alpha, "lr": args.lr,
-        "lr_final": args.lr_final, "batch_size": args.batch_size, "epochs": args.epochs, "steps": args.steps,
-        "clip_norm": args.clip_norm, "val_every": args.val_every, "patience": args.patience,
-        "seed": args.seed, "checkpoint_every": args.checkpoint_every, "threads": args.threads, "progress": args.progress, "devices": args.devices,
-        "num_nodes": args.num_nodes, "strategy": args.strategy, "accelerator": args.accelerator,
-        "sparse_rows": args.sparse_rows,
-    }
+def train_values(args: argparse.Namespace, names, defaults: dict | None = None) -> dict[str, Any]:
+    """TrainConfig's fields from the flags ``names`` that were given (over ``defaults``),
+    and the seed."""
+    values = {**(defaults or {}), **config_args(args, TrainConfig, names)}
+    values["seed"] = args.seed
+    return values
 
 
-# ----------------------------------------------------------------------------- run directory
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as e:
-        return e.errno == errno.EPERM
-    return True
-
-
-class RunDir:
-    """An output directory: refused if it holds files (unless --overwrite or
-    --resume); locked while a run writes it (a second writer is refused).
-
-    The lock is ``DIR/.lock`` holding the writer's pid, with an exclusive
-    ``flock`` on it for the run's lifetime: the kernel drops the flock when the
-    process dies (SIGKILL included), so a dead run's lock is taken over; a live
-    one's never is. The emptiness check is repeated once the lock is held (a run
-    that finished in between is not overwritten), and ``.tmp-*`` files a killed
-    writer left are removed then.
-
-    ``rank``: this process's global rank in a multi-process (DDP) run. Only rank 0
-    checks, creates and locks the directory; the other ranks write nothing and
-    leave it alone (they are started by rank 0's run or beside it, so the lock
-    rank 0 holds is theirs too)."""
-
-    def __init__(self, path: str, overwrite: bool = False, resume: bool = False, rank: int = 0):
-        self.path, self.overwrite, self.resume, self.rank = path, overwrite, resume, rank
-        self._locked = False
-        self._fd: int | None = None
-
-    def check(self) -> None:
-        """Refuse before any work starts; creates nothing."""
-        if self.rank != 0:
-            return
-        p = self.path
-        if os.path.exists(p) and not os.path.isdir(p):
-            raise UsageError(f"--out {p}: exists and is not a directory")
-        if self.resume:
-            if not os.path.isdir(p):
-                raise UsageError(f"--resume {p}: no such run directory")
-            return
-        if os.path.isdir(p) and [f for f in os.listdir(p) if f != LOCK] and not self.overwrite:
-            raise UsageError(f"--out {p}: the directory is not empty; pass --overwrite to replace its run "
-                             "or --resume to continue it")
-        parent = os.path.dirname(os.path.abspath(p))
-        if not os.path.isdir(parent) and not os.access(os.path.dirname(parent) or "/", os.W_OK):
-            raise UsageError(f"--out {p}: cannot create it here")
-
-    def __enter__(self) -> "RunDir":
-        if self.rank != 0:
-            return self
-        self.check()
-        try:
-            os.makedirs(self.path, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--out {self.path}: cannot create it ({e.strerror})") from None
-        self._lock()
-        try:
-            self.check()  # again, under the lock: another run may have finished here meanwhile
-        except BaseException:
-            self._unlock()
-            raise
-        remove_temporaries(self.path)
-        atexit.register(self._unlock)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._unlock()
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    def _lock(self) -> None:
-        import fcntl
-
-        lock = self.file(LOCK)
-        for _ in range(5):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-            except OSError as e:
-                raise UsageError(f"--out {self.path}: cannot create its lock file ({e.strerror})") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = _read_pid(fd)
-                os.close(fd)
-                raise UsageError(f"--out {self.path}: another run (pid {pid or '?'}) is writing this directory")
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(lock))
-            except FileNotFoundError:
-                same = False
-            if not same:  # its holder removed the file as we opened it: take the new one
-                os.close(fd)
-                continue
-            pid = _read_pid(fd)
-            if pid and pid != os.getpid() and _pid_alive(pid):
-                # no flock held, yet its pid lives: a writer that does not flock; be safe
-                os.close(fd)
-                raise UsageError(f"--out {self.path}: another run (pid {pid}) is writing this directory "
-                                 f"(remove {lock} if it is not)")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            self._fd, self._locked = fd, True
-            return
-        raise UsageError(f"--out {self.path}: cannot take the directory's lock")
-
-    def _unlock(self) -> None:
-        if self._locked:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.file(LOCK))
-            os.close(self._fd)  # drops the flock, after the file is gone
-            self._fd, self._locked = None, False
-
-
-def _read_pid(fd: int) -> int:
-    try:
-        return int(os.pread(fd, 32, 0).decode().strip() or 0)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return 0
-
-
-def add_out_args(p: argparse.ArgumentParser, default: str | None = None, resume: bool = False) -> None:
+def add_out_args(p: argparse.ArgumentParser, default: str | None = None, resume: bool = False,
+                 what: str = "the run directory: config.json, metrics.json, history.csv, the checkpoint and figures"
+                 ) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", default=default, required=default is None and not resume,
-                   help="run directory: metrics.json, pictures and (for fits) the checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+                   help=f"{what}; refused if it holds files, unless --overwrite"
+                        + (f" (default: {default})" if default else ""))
+    g.add_argument("--overwrite", action="store_true", help="replace what a non-empty --out holds")
+    g.add_argument("--seed", type=integer, default=0, help="random seed (default: 0)")
     if resume:
         g.add_argument("--resume", metavar="DIR", default=None,
                        help="continue the run in DIR from its last checkpoint (its own config.json is used)")
+
+
+def open_run(run_dir: str, out: str | None, threads: int | None) -> tuple[LoadedRun, str]:
+    """What a program that re-reads a run does first: torch's thread count, the output
+    directory (``out``, by default the run's own; refused if it is a file), glibc's
+    allocator tuned, and the run loaded. Returns (run, output directory)."""
+    import os
+
+    import torch
+
+    from elbolab.inference.evaluate import tune_malloc
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    out = out or run_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    tune_malloc()
+    return read_run(run_dir), out

@@ -1,6 +1,6 @@
-"""What the reproduction scripts share: the MNIST data spec, one training run per
-model (through scripts.fit, so every run directory is a normal run that
-scripts.evaluate can read again), reuse of finished runs, and markdown tables."""
+"""What the reproduction programs share: the MNIST data spec, one training run per
+model (through ``inference.runs.fit_run``, so every run directory is a normal run that
+``elbolab evaluate`` can read again), reuse of finished runs, and markdown tables."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import sys
 from elbolab.inference.errors import UsageError
 from elbolab.inference.files import atomic_write, save_json
 from elbolab.inference.train_config import TrainConfig
+from elbolab.inference.runs import RunSpec, fit_run
 from elbolab.scripts import _cli
-from elbolab.scripts import fit as fit_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MNIST = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "mnist"))
@@ -70,7 +70,7 @@ def train(name: str, model: str, model_config: dict, train_config: TrainConfig, 
         print(f"[{name}] reused {metrics_path}", file=sys.stderr)
         return metrics
     print(f"[{name}] training {model} ({train_config.objective}, K = {train_config.n_particles}) ...", file=sys.stderr)
-    metrics = fit_script.run(spec, run_dir, overwrite=True, resume=False)
+    metrics = fit_run(RunSpec.from_dict(spec, name), run_dir, overwrite=True, resume=False)
     print(f"[{name}] {metrics['steps']} steps in {metrics['seconds']:.0f} s", file=sys.stderr)
     return metrics
 

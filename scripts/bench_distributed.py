@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 
+from elbolab.inference.runs import RunDir
 from elbolab.scripts import _cli
 
 PROG = "elbolab bench-distributed"
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from elbolab.inference.files import atomic_write, save_json
 
-    with _cli.RunDir(args.out, overwrite=args.overwrite) as run_dir:
+    with RunDir(args.out, overwrite=args.overwrite, refusal=_cli.REFUSAL) as run_dir:
         tmp = run_dir.path
         metrics: dict = {"load_average_start": os.getloadavg(), "cpus": os.cpu_count(), "threads_per_process": 1}
         sizes = [0.126, 2.6, 16.0, 160.0]

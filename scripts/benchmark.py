@@ -68,6 +68,7 @@ from elbolab.inference.lightning_module import adam, flushed_denormals
 from elbolab.inference.train import fit
 from elbolab.inference.train_config import TrainConfig
 from elbolab.models.vae import MIN_SCALE
+from elbolab.inference.runs import RunDir
 from elbolab.scripts import _cli
 
 PROG = "elbolab benchmark"
@@ -946,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
     needs_mnist = [s for s in sections if s in ("cs236", "baseline") or (s != "ppca" and not args.quick)]
     if needs_mnist and not os.path.isdir(args.data_dir):
         raise UsageError(f"--data-dir {args.data_dir}: no such directory (MNIST is needed by {', '.join(needs_mnist)})")
-    run_dir = _cli.RunDir(args.out, overwrite=args.overwrite)
+    run_dir = RunDir(args.out, overwrite=args.overwrite, refusal=_cli.REFUSAL)
     run_dir.check()
     torch.set_num_threads(args.threads)
     tune_malloc()

@@ -41,11 +41,12 @@ from elbolab import models
 from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import tune_malloc
 from elbolab.inference.files import atomic_write, save_json
-from elbolab.inference.gaps import decompose, to_dict
-from elbolab.inference.traces import guide_posterior, infers_new_rows
-from elbolab.inference.guides import LocalGuide, PerDatapointGuide, SemiAmortizedGuide, materialize, optimize_local
+from elbolab.inference.compare import LocalSettings, eval_rows, study
+from elbolab.inference.traces import guide_posterior
+from elbolab.inference.guides import LocalGuide, PerDatapointGuide, SemiAmortizedGuide
 from elbolab.inference.train import fit
 from elbolab.inference.train_config import TrainConfig, check_config_for_data
+from elbolab.inference.runs import RunDir
 from elbolab.scripts import _cli
 
 PROG = "elbolab compare-guides"
@@ -165,22 +166,6 @@ def build_guided(family: str, values: dict, guide: str, data, args):
     return base
 
 
-def eval_rows(data, n_rows: int, seed: int) -> dict:
-    """Seeded random subsets of the training and test rows: {split: (x, rows)}; rows are
-    training indices for the training split (per-datapoint guides need them)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for split, x in (("train", data.train), ("test", data.test)):
-        if x.shape[0] == 0:
-            continue
-        idx = torch.randperm(x.shape[0], generator=g)[: min(n_rows, x.shape[0])].sort().values
-        xs = x[idx]
-        if split == "train" and data.binarize == "dynamic":  # one fixed draw of the grey levels
-            xs = torch.bernoulli(xs, generator=torch.Generator().manual_seed(seed))
-        out[split] = (xs, idx if split == "train" else None)
-    return out
-
-
 def closed_form_gap(model, family: str) -> float | None:
     """PPCA: the approximation gap of the guide's family in closed form at the fitted
     parameters (0 for a full covariance; the KL from the best diagonal Gaussian to the
@@ -206,38 +191,16 @@ def study_guide(family: str, guide: str, values: dict, train: TrainConfig, data,
     t0 = time.perf_counter()
     result = fit(model, data, train)
     train_seconds = time.perf_counter() - t0
-    model.eval()
-    local_kw = {"n_particles": args.local_particles, "lr": args.local_lr, "decay": args.local_decay,
-                "window": args.local_window,
-                "patience": args.local_patience, "max_steps": args.local_max_steps}
+    local = LocalSettings(lr=args.local_lr, decay=args.local_decay, n_particles=args.local_particles,
+                          window=args.local_window, patience=args.local_patience, max_steps=args.local_max_steps)
     out: dict = {"training": {"steps": result.steps, "epochs": result.epochs, "seconds": train_seconds,
                               "final_train_loss": result.final_loss}}
-    full = None
-    new_rows = infers_new_rows(model, data.train)
-    for i, (split, (x, rows)) in enumerate(splits.items()):
-        seed = args.seed + 10 * i
-        if split == "train" or new_rows:
-            t0 = time.perf_counter()
-            guide_posterior(model, x, rows)  # what inferring these rows costs: one pass of the guide
-            infer_seconds = time.perf_counter() - t0
-            q = materialize(model, x, rows)  # the guide's q for these rows, fixed (a refinement is random)
-            full = q.full
-            local = optimize_local(model, x, init=q, seed=seed, **local_kw)  # q* starts from that q
-            how = "guide"
-        else:  # the guide cannot infer new rows: inferring them is the local optimization
-            local = optimize_local(model, x, init="standard", full=full, seed=seed, **local_kw)
-            q, infer_seconds, how = local.model, local.seconds, "local optimization"
-        gaps = decompose(q, local.model, x, args.n_samples, seed=seed + 1)
-        n = int(x.shape[0])
-        out[split] = {**to_dict(gaps), "n_rows": n, "inference": how, "inference_seconds": infer_seconds,
-                      "inference_seconds_per_row": infer_seconds / n, "local": local.describe()}
-        cf = closed_form_gap(model, family)
-        if cf is not None:
+    out.update(study(model, data.train, splits, args.n_samples, local, seed=args.seed,
+                     log=lambda line: print(f"[{family}/{guide}] {line}", file=sys.stderr)))
+    cf = closed_form_gap(model, family)
+    if cf is not None:
+        for split in splits:
             out[split]["approximation_gap_closed_form"] = cf
-        print(f"[{family}/{guide}] {split}: ELBO {gaps['elbo'].mean:.3f}, inference gap "
-              f"{gaps['inference_gap'].mean:.3f} = approximation {gaps['approximation_gap'].mean:.3f} + "
-              f"amortization {gaps['amortization_gap'].mean:.3f} nats (q*: {local.steps} steps, "
-              f"{local.seconds:.1f} s)", file=sys.stderr)
     return out
 
 
@@ -343,7 +306,7 @@ def main(argv: list[str] | None = None, on_trained: Callable[[str, str], None] |
     if args.local_decay > 1:
         raise UsageError(f"--local-decay must be in (0, 1], got {args.local_decay}")
     families = FAMILIES if args.model == "all" else (args.model,)
-    run_dir = _cli.RunDir(args.out, overwrite=args.overwrite)
+    run_dir = RunDir(args.out, overwrite=args.overwrite, refusal=_cli.REFUSAL)
     run_dir.check()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -352,7 +315,7 @@ def main(argv: list[str] | None = None, on_trained: Callable[[str, str], None] |
     for fam in families:  # everything checked before any training
         settings[fam] = family_settings(args, fam)
         likelihood = models.REGISTRY[fam][1].likelihood
-        datas[fam] = _cli.load_data(_cli.data_spec(args, likelihood), likelihood)
+        datas[fam] = _cli.data_spec(args, likelihood).load(likelihood)
         check_config_for_data(settings[fam][1], datas[fam])
         for guide in ("amortized-full", "amortized"):  # the Configs against the data (e.g. latent_dim <= d)
             models.build_model(fam, model_config(fam, settings[fam][0], guide), datas[fam].data_dim, 2)

@@ -24,6 +24,7 @@ from elbolab.inference.errors import UsageError
 from elbolab.inference.files import atomic_write, save_json
 from elbolab.inference.plots import save_figure
 from elbolab.models.vae import VAE, VAEConfig
+from elbolab.inference.runs import RunDir
 from elbolab.scripts import _cli
 
 import matplotlib.pyplot as plt  # noqa: E402  (inference.plots selected the Agg backend)
@@ -178,7 +179,7 @@ def run(args, out: str) -> dict:
     q = 1 if args.quick else 0
     n = {k: v[q] for k, v in SIZES.items()}
     seed = args.seed
-    data = _cli.load_data(_cli.data_spec(args, "gaussian"), "gaussian")
+    data = _cli.data_spec(args, "gaussian").load("gaussian")
     train = data.train.double()
     evaluation = next((s for s in (data.test, data.val, data.train) if s.shape[0]), data.train).double()
     k = args.latent_dim
@@ -294,7 +295,7 @@ def markdown(metrics: dict, rows: list[ids.Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    run_dir = _cli.RunDir(args.out, overwrite=args.overwrite)
+    run_dir = RunDir(args.out, overwrite=args.overwrite, refusal=_cli.REFUSAL)
     run_dir.check()
     t0 = time.perf_counter()
     with run_dir:

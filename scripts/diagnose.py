@@ -40,7 +40,7 @@ from elbolab.inference.traces import infers_new_rows, whole_set_log_weights
 from elbolab.models.protocol import ExactLikelihood
 from elbolab.inference.files import atomic_write, save_json
 from elbolab.inference.mcmc import run_nuts
-from elbolab.scripts import _cli, _runs
+from elbolab.scripts import _cli
 
 PROG = "elbolab diagnose"
 NUTS_MAX_DIM = 100  # NUTS (dense mass matrix) runs for global latents of at most this many dimensions
@@ -119,7 +119,7 @@ def diagnose(run, split=None, max_rows=500, draws=100, chains=1, n_samples=1000,
     exact = D.exact_inference_data(model, x, draws, chains, seed + 1, local=local, row_labels=labels)
     if exact is not None:
         posteriors["exact"] = exact
-    numbers: dict = {"run": os.path.abspath(run.path), "model": spec["model"], "checkpoint_step": run.step,
+    numbers: dict = {"run": os.path.abspath(run.path), "model": spec.model, "checkpoint_step": run.step,
                      "split": split, "n_rows": int(x.shape[0]), "draws": draws, "chains": chains, "seed": seed,
                      "latents": "global" if global_latents else "per row", "units": "nats"}
     notes = []
@@ -333,7 +333,7 @@ def write(result: dict, out: str) -> list[str]:
 @_cli.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run, out = _runs.open_run(args.run_dir, args.out, args.threads)
+    run, out = _cli.open_run(args.run_dir, args.out, args.threads)
     result = diagnose(run, args.split, args.max_rows, args.draws, args.chains, args.n_samples, args.nuts_samples,
                       args.nuts_warmup, args.nuts_chains, args.seed)
     write(result, out)

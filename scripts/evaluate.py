@@ -21,7 +21,8 @@ from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import active_units, importance_estimates
 from elbolab.inference.files import save_json
 from elbolab.inference.traces import infers_new_rows, latent_names
-from elbolab.scripts import _cli, _runs
+from elbolab.inference.runs import LoadedRun
+from elbolab.scripts import _cli
 
 PROG = "elbolab evaluate"
 EVALUATION = "evaluation.json"
@@ -47,7 +48,7 @@ def build_parser():
     return p
 
 
-def evaluate(run: _runs.Run, split: str, n_samples: int, seed: int = 0, max_rows: int | None = None,
+def evaluate(run: LoadedRun, split: str, n_samples: int, seed: int = 0, max_rows: int | None = None,
              batch_size: int | None = None, per_row: bool = False, pareto: ParetoK | None = None) -> dict:
     """The evaluation record of a run (what evaluation.json holds); ``per_row`` adds each
     row's log-likelihood estimate (for paired comparisons of runs on the same rows).
@@ -72,7 +73,7 @@ def evaluate(run: _runs.Run, split: str, n_samples: int, seed: int = 0, max_rows
     est = importance_estimates(model, x, n_samples, rows, seed=seed, batch_size=batch_size, on_log_weights=pareto)
     seconds = time.perf_counter() - t0
     out = {
-        "run": os.path.abspath(run.path), "model": run.spec["model"], "checkpoint_step": run.step,
+        "run": os.path.abspath(run.path), "model": run.spec.model, "checkpoint_step": run.step,
         "split": split, "n_rows": int(x.shape[0]), "n_samples": n_samples, "seed": seed,
         "units": "nats per datapoint",
         "log_likelihood": {**est["log_likelihood"].to_dict(), "pareto_k": pareto.summary()},
@@ -89,7 +90,7 @@ def evaluate(run: _runs.Run, split: str, n_samples: int, seed: int = 0, max_rows
 @_cli.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run, out_dir = _runs.open_run(args.run_dir, args.out, args.threads)
+    run, out_dir = _cli.open_run(args.run_dir, args.out, args.threads)
     pareto = ParetoK()
     result = evaluate(run, args.split, args.n_samples, args.seed, args.max_rows, args.batch_size, pareto=pareto)
     os.makedirs(out_dir, exist_ok=True)
@@ -98,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     from elbolab.inference.diagnostic_plots import pareto_k_plot
 
     pareto_k_plot(pareto.values, os.path.join(out_dir, "evaluation_pareto_k.png"),
-                  f"{run.spec['model']} {args.split} rows: Pareto k of each row's importance weights", args.n_samples)
+                  f"{run.spec.model} {args.split} rows: Pareto k of each row's importance weights", args.n_samples)
     ll, elbo = result["log_likelihood"], result["elbo"]
-    line = (f"{run.spec['model']} {args.split} ({result['n_rows']} rows): log-likelihood (K = {args.n_samples}) "
+    line = (f"{run.spec.model} {args.split} ({result['n_rows']} rows): log-likelihood (K = {args.n_samples}) "
             f"{ll['mean']:.3f} ± {ll['se']:.3f} [{reliability_note(ll['pareto_k'])}], "
             f"ELBO {elbo['mean']:.3f} ± {elbo['se']:.3f} nats/datapoint")
     if "active_units" in result:

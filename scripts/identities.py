@@ -673,7 +673,7 @@ def fit_gaussian(target, objective: str, steps: int, loc0: float = 0.5, scale0: 
     self-normalized importance-sampled gradient of KL(p || q)). Adam with the rate decaying
     exponentially to ``lr_final``; returns (loc, scale), averaged over the last
     ``average_last`` steps' iterates (0: the final iterate)."""
-    guide = GaussianApproximation(loc0, scale0)
+    guide = GaussianApproximation(loc0, scale0).forward  # its parameters its own, not Pyro's store's
 
     def model():
         return pyro.sample("z", target)
@@ -685,7 +685,7 @@ def fit_gaussian(target, objective: str, steps: int, loc0: float = 0.5, scale0: 
                                               vectorize_particles=True, max_plate_nesting=0)
     else:
         raise ValueError(f"objective must be 'reverse' or 'forward', got {objective!r}")
-    params = list(guide.parameters())
+    params = list(guide.__self__.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     gamma = (lr_final / lr) ** (1.0 / max(1, steps))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
@@ -696,11 +696,11 @@ def fit_gaussian(target, objective: str, steps: int, loc0: float = 0.5, scale0: 
         opt.step()
         sched.step()
         if average_last and step >= steps - average_last:
-            locs.append(guide.loc.item())
-            scales.append(guide.scale.item())
+            locs.append(guide.__self__.loc.item())
+            scales.append(guide.__self__.scale.item())
     if average_last:
         return sum(locs) / len(locs), sum(scales) / len(scales)
-    return guide.loc.item(), guide.scale.item()
+    return guide.__self__.loc.item(), guide.__self__.scale.item()
 
 
 def reverse_forward_kl(steps: int = 400, separation: float = 2.0, mode_scale: float = 0.5,

@@ -36,8 +36,9 @@ from tqdm.auto import tqdm
 from elbolab.inference.errors import UsageError
 from elbolab.inference.files import atomic_write, save_json
 from elbolab.models.datasources import load_dataset
+from elbolab.inference.runs import RunDir, RunSpec, fit_run
+from elbolab.inference.train_config import TrainConfig
 from elbolab.scripts import _cli
-from elbolab.scripts import fit as fit_script
 from elbolab.scripts._document import Document
 
 PROG = "elbolab report"
@@ -103,12 +104,12 @@ class Study:
                 "binarize": binarize, "val_fraction": 0.1}
 
     def fit(self, name: str, model: str, model_config: dict, train: dict, data: dict, **eval_kw) -> dict:
-        """One ordinary fit.py run into OUT/name; returns its metrics."""
+        """One ordinary fit into the run directory OUT/name; returns its metrics."""
         spec = {"model": model, "model_config": model_config,
-                "train": {**fit_script.TrainConfig(seed=self.seed, progress=self.args.progress,
-                                                   threads=self.args.threads).to_dict(), **train},
+                "train": {**TrainConfig(seed=self.seed, progress=self.args.progress,
+                                        threads=self.args.threads).to_dict(), **train},
                 "data": data, "eval": {"eval_particles": 10, "n_samples": self.budget["n_samples"], **eval_kw}}
-        metrics = fit_script.run(spec, os.path.join(self.out, name), overwrite=True, resume=False)
+        metrics = fit_run(RunSpec.from_dict(spec, name), os.path.join(self.out, name), overwrite=True)
         self.tick()
         return metrics
 
@@ -461,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
              "rows of the set (or over Monte Carlo draws where a row says so). Each section is an ordinary run "
              "of the workbench's own programs; their run directories sit beside this report.")
     t_all = time.perf_counter()
-    with _cli.RunDir(args.out, overwrite=args.overwrite) as run_dir:
+    with RunDir(args.out, overwrite=args.overwrite, refusal=_cli.REFUSAL) as run_dir:
         for name in stages:
             t0 = time.perf_counter()
             # a bar per stage over its runs (each fit's own bar below it while it trains);

@@ -32,7 +32,8 @@ from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import tune_malloc
 from elbolab.inference.files import save_json
 from elbolab.inference.train_config import TrainConfig
-from elbolab.scripts import _cli, _reproduce, _runs
+from elbolab.inference.runs import read_run
+from elbolab.scripts import _cli, _reproduce
 from elbolab.scripts import evaluate as evaluate_script
 
 PROG = "elbolab reproduce-iwae"
@@ -89,7 +90,7 @@ def evaluation(name: str, args) -> dict:
                 and "log_likelihood_per_row" in ev:
             return ev
     print(f"[{name}] test log-likelihood, K = {args.n_samples} on {args.test_rows} images ...", file=sys.stderr)
-    ev = evaluate_script.evaluate(_runs.load_run(run_dir), "test", args.n_samples, seed=args.seed,
+    ev = evaluate_script.evaluate(read_run(run_dir), "test", args.n_samples, seed=args.seed,
                                   max_rows=args.test_rows, per_row=True)
     save_json(ev, path)
     return ev

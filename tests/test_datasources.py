@@ -138,7 +138,7 @@ def test_idx_missing(tmp_path):
         loaders.load_dataset("fashion-mnist", data_dir=str(tmp_path))
     with pytest.raises(DataError, match="no such directory"):
         loaders.load_dataset("mnist", data_dir=str(tmp_path / "nope"))
-    with pytest.raises(DataError, match="needs --data-dir"):
+    with pytest.raises(DataError, match="needs data_dir"):
         loaders.load_dataset("mnist")
 
 

@@ -18,7 +18,7 @@ import torch
 import ddp_worker as worker
 from elbolab import models
 from conftest import ROOT
-from elbolab.inference import distributed
+from elbolab.inference import distributed, runs
 from elbolab.models import datasources as loaders
 from elbolab.inference.checkpoints import CHECKPOINT, load_checkpoint
 from elbolab.inference.train import fit
@@ -121,12 +121,12 @@ def test_fit_script_under_ddp_writes_once_and_evaluates_like_one_process(tmp_pat
     assert len((out / "history.csv").read_text().splitlines()) == 1 + 20
     # the evaluation that the two ranks shared, redone here in one process from the checkpoint
     spec = json.loads((out / "config.json").read_text())
-    data = _cli.load_data(spec["data"], "gaussian")
+    data = runs.DataSpec.from_dict(spec["data"]).load("gaussian")
     model = models.build_model("ppca", spec["model_config"], data.data_dim, data.n_train)
     model.load_state_dict({k[len("model."):]: v for k, v in load_checkpoint(str(out / CHECKPOINT))["state_dict"]
                            .items()})
     result = types.SimpleNamespace(steps=20, epochs=0, seconds=0.0, stopped_early=False, final_loss=0.0)
-    one = fit_script.evaluate_run(model, data, spec, result)
+    one = runs.evaluate_run(model, data, runs.RunSpec.from_dict(spec), result)
     for split in ("train", "val", "test"):
         for term in ("elbo", "recon", "kl"):
             assert one[f"{split}_{term}"] == m[f"{split}_{term}"], (split, term)  # same bits (one thread each)
@@ -157,14 +157,14 @@ def test_run_dir_other_ranks_leave_the_locked_directory_alone(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text("{}")
-    (out / _cli.LOCK).write_text(str(os.getppid()))  # rank 0 (a live process, not this one) writes here
+    (out / runs.LOCK).write_text(str(os.getppid()))  # rank 0 (a live process, not this one) writes here
     with pytest.raises(UsageError, match="another run"):  # a second run is refused ...
-        _cli.RunDir(str(out), overwrite=True).__enter__()
+        runs.RunDir(str(out), overwrite=True).__enter__()
     before = {f: (out / f).read_text() for f in os.listdir(out)}
-    with _cli.RunDir(str(out), rank=1) as rank1:  # ... but rank 1 of the same run uses the directory as it is
+    with runs.RunDir(str(out), rank=1) as rank1:  # ... but rank 1 of the same run uses the directory as it is
         assert not rank1._locked
     assert {f: (out / f).read_text() for f in os.listdir(out)} == before
-    with _cli.RunDir(str(tmp_path / "absent"), rank=1):
+    with runs.RunDir(str(tmp_path / "absent"), rank=1):
         pass
     assert not (tmp_path / "absent").exists()  # and creates nothing
 
@@ -262,7 +262,7 @@ def test_spawning_strategies_are_refused():
     from elbolab.inference.errors import UsageError
 
     for strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook"):
-        with pytest.raises(UsageError, match=f"--strategy {strategy}: the fit would live in spawned processes"):
+        with pytest.raises(UsageError, match=f"strategy {strategy}: the fit would live in spawned processes"):
             TrainConfig(devices=2, strategy=strategy)
 
 

@@ -352,8 +352,8 @@ def test_fit_cli_writes_exact_and_variational_moments(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--prior", "normal-gamma"], "--prior normal-gamma is one-dimensional; the data have 2 columns"),
-    (["--guide", "amortized-full"], "--guide for gaussian must be one of mean-field, full-rank, structured"),
+    (["--prior", "normal-gamma"], "prior normal-gamma is one-dimensional; the data have 2 columns"),
+    (["--guide", "amortized-full"], "guide for gaussian must be one of mean-field, full-rank, structured"),
     (["--objective", "iwae"], "outside plate('data')"),
     (["--latent-dim", "3"], "--latent-dim does not apply to --model gaussian"),
 ])

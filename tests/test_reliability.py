@@ -44,7 +44,7 @@ from pyro.nn import PyroModule
 
 import _faults
 from elbolab import models
-from elbolab.inference import files
+from elbolab.inference import files, runs
 from elbolab.models import datasources as loaders
 from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import elbo_terms
@@ -500,10 +500,10 @@ def test_flag_fuzz_refused_before_any_work(flag, text, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--strategy", "nope"], "invalid strategy name"),
-    (["--accelerator", "tpu"], "--accelerator tpu"),
-    (["--n-particles", "5000", "--batch-size", "1000"], "--n-particles 5000 x --batch-size 1000 x 64"),
+    (["--accelerator", "tpu"], "accelerator tpu"),
+    (["--n-particles", "5000", "--batch-size", "1000"], "n_particles 5000 x batch_size 1000 x 64"),
     (["--objective", "renyi", "--alpha", "nan"], "--alpha must be a finite number"),
-    (["--seed", "-1"], "--seed must be an integer in [0, 2**62)"),
+    (["--seed", "-1"], "seed must be an integer in [0, 2**62)"),
 ])
 def test_flags_needing_more_than_argparse(tmp_path, capsys, argv, message):
     assert message in refused(capsys, [*argv, "--epochs", "1"], tmp_path / "out")
@@ -578,7 +578,7 @@ def test_foreign_checkpoint_refused(finished_run, tmp_path, capsys, tamper, mess
 @pytest.mark.parametrize("content, message", [
     (b"", "unreadable"), (b"{\"model\": ", "unreadable"), (b"\xff\xfe", "unreadable"), (b"[]", "not an elbolab"),
     (b"null", "not an elbolab"), (b"{}", "not an elbolab"),
-    (None, "unknown --model 'nope'"), (None, "--lr must be a positive number"), (None, "not a usable run config"),
+    (None, "model must be one of"), (None, "lr must be a positive number"), (None, "not a usable run config"),
     (None, "bad value(s) for val_fraction"),
 ])
 def test_corrupt_config_json_refused(finished_run, tmp_path, capsys, content, message):
@@ -627,7 +627,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(finished
     for name in os.listdir(run):
         if name != "config.json":
             (run / name).unlink()
-    (run / _cli.LOCK).write_text("999999999")  # the killed run's pid: no such process
+    (run / runs.LOCK).write_text("999999999")  # the killed run's pid: no such process
     assert fit_script.main(["--resume", str(run), "--no-progress"]) == 0
     assert_same_params(finished_run, run, tol=0.0)
 
@@ -665,7 +665,7 @@ def test_full_disk_loses_nothing(finished_run, tmp_path, capsys, monkeypatch, wh
                      "its previous version is kept"
     after = snapshot(run)
     assert after[which] == before[which]  # the file being written is its old self
-    assert not [f for f in after if f.startswith(files.TMP_PREFIX) or f == _cli.LOCK]  # no debris, no lock
+    assert not [f for f in after if f.startswith(files.TMP_PREFIX) or f == runs.LOCK]  # no debris, no lock
     ck = load_checkpoint(str(run / CHECKPOINT))  # whatever else was saved is complete
     assert ck["global_step"] in (26, 39)
     monkeypatch.undo()
@@ -798,8 +798,8 @@ def test_sigkill_at_random_instants_of_checkpoint_writes(forks, tmp_path):
     # debris of writes cut short: only .tmp-* files, removed when a run takes the directory
     assert set(os.listdir(tmp_path)) - {CHECKPOINT} <= {f for f in os.listdir(tmp_path)
                                                          if f.startswith(files.TMP_PREFIX)}
-    with _cli.RunDir(str(tmp_path), resume=True):
-        assert sorted(os.listdir(tmp_path)) == [_cli.LOCK, CHECKPOINT]
+    with runs.RunDir(str(tmp_path), resume=True):
+        assert sorted(os.listdir(tmp_path)) == [runs.LOCK, CHECKPOINT]
 
 
 FIT_ARGS = [*TINY, "--epochs", "10", "--checkpoint-every", "1"]
@@ -856,7 +856,7 @@ def test_sigkill_at_random_points_of_fits_then_resume(forks, tmp_path):
     assert p.exitcode == 0
     assert_same_params(ref, run)
     assert load_checkpoint(str(ck))["global_step"] == 10 * STEPS_PER_EPOCH
-    assert not [f for f in os.listdir(run) if f.startswith(files.TMP_PREFIX) or f == _cli.LOCK]
+    assert not [f for f in os.listdir(run) if f.startswith(files.TMP_PREFIX) or f == runs.LOCK]
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (ref, run))
     assert abs(a["train_elbo"]["mean"] - b["train_elbo"]["mean"]) < 1e-4  # same parameters, same seeded draws
 
@@ -874,25 +874,25 @@ def test_live_run_locks_its_directory_until_killed(forks, tmp_path, capsys):
     deadline = time.time() + 120
     while not (run / CHECKPOINT).exists() and time.time() < deadline:
         time.sleep(0.05)
-    assert (run / _cli.LOCK).read_text() == str(p.pid)
+    assert (run / runs.LOCK).read_text() == str(p.pid)
     for argv in ([*TINY, "--epochs", "1", "--overwrite", "--out", str(run)], ["--resume", str(run)]):
         assert fit_script.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"elbolab fit: error: --out {run}: another run (pid {p.pid}) is writing this directory"]
     p.kill()
     p.join()
-    assert (run / _cli.LOCK).exists()  # a kill leaves the lock file, but not its flock
+    assert (run / runs.LOCK).exists()  # a kill leaves the lock file, but not its flock
     step = load_checkpoint(str(run / CHECKPOINT))["global_step"]
     assert fit_script.main(["--resume", str(run), "--epochs", "1", "--no-progress"]) == 0
     assert json.loads((run / "metrics.json").read_text())["steps"] == step  # taken over; nothing lost
-    assert not (run / _cli.LOCK).exists()
+    assert not (run / runs.LOCK).exists()
 
 
 def test_run_that_finished_meanwhile_is_not_overwritten(tmp_path, capsys):
     """The emptiness check is repeated under the lock: a directory filled between a run's
     first check and its lock is refused, not overwritten."""
     run = tmp_path / "run"
-    rd = _cli.RunDir(str(run))
+    rd = runs.RunDir(str(run))
     rd.check()  # empty (absent): fine
     run.mkdir()
     (run / "metrics.json").write_text("finished meanwhile")

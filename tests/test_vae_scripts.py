@@ -104,7 +104,7 @@ def test_fit_vae_rejects_bad_model_flags(tmp_path, capsys):
     out = tmp_path / "o"
     assert fit_script.main(["--model", "vae", "--activation", "gelu", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "elbolab fit: error: --activation must be one of relu, elu, tanh, softplus, got 'gelu'"]
+        "elbolab fit: error: activation must be one of relu, elu, tanh, softplus, got 'gelu'"]
     assert fit_script.main(["--model", "vae", "--binarize", "none", "--out", str(out)]) == 2
     assert "pass --binarize threshold, static or dynamic" in capsys.readouterr().err
     assert not out.exists()
