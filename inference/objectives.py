@@ -12,7 +12,9 @@ Names:
 
 * ``elbo``: Pyro's ``Trace_ELBO`` (Monte Carlo KL), K vectorized particles averaged;
 * ``elbo-analytic``: Pyro's ``TraceMeanField_ELBO`` (analytic KL where the pair of
-  families has one registered, Monte Carlo otherwise);
+  families has one registered, Monte Carlo otherwise), except that a point-mass guide
+  site (an automatic guide's Delta with its log-Jacobian) is scored by Monte Carlo,
+  whose log q keeps the log-Jacobian that Pyro's KL(Delta || p) leaves out;
 * ``iwae``: -(N/B) sum_i logmeanexp_k log w_ik (Burda et al. 2015);
 * ``renyi``: -(N/B) sum_i 1/(1-alpha) logmeanexp_k (1-alpha) log w_ik (Li & Turner
   2016); alpha = 0 is IWAE, alpha -> 1 the ELBO (alpha = 1 itself is refused);
@@ -30,9 +32,11 @@ from __future__ import annotations
 import math
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.distributions.util import scale_and_mask
-from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.infer.util import check_fully_reparametrized, is_validation_enabled, torch_item
+from pyro.util import warn_if_nan
 from pyro.poutine.util import prune_subsample_sites
 
 from elbolab.inference.errors import UsageError
@@ -67,18 +71,46 @@ class Objective:
         return {"objective": self.name, "n_particles": self.n_particles}
 
 
+def delta_site(fn) -> bool:
+    """Whether a guide site's distribution is a point mass: a ``Delta``, possibly wrapped
+    in ``Independent``, ``MaskedDistribution`` or ``ExpandedDistribution``. Pyro's
+    automatic guides (AutoNormal, AutoMultivariateNormal, ...) sample every model site
+    as Delta(theta, log_density) with theta = T(u) the image of an unconstrained draw
+    u ~ q(u) and log_density = -log|det dtheta/du|, so that Delta.log_prob(theta) is the
+    change of variables' share of log q(theta)."""
+    while isinstance(fn, (torch.distributions.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)):
+        fn = fn.base_dist
+    return isinstance(fn, dist.Delta)
+
+
 class PyroELBO(Objective):
     """Pyro's Trace_ELBO / TraceMeanField_ELBO with vectorized particles.
 
-    With Pyro's validation on, Pyro computes the loss itself (with all its checks:
-    model and guide sites matching, shapes, the mean-field condition). With it off
-    (the training driver's steps after the first), the same loss is computed from one
-    trace of the guide and the model replayed on it, without the work Pyro does for
-    every estimator (log densities the estimator does not use, score parts of
+    ``elbo``: per particle, sum log p over the model's sites minus sum log q over the
+    guide's. ``elbo-analytic``: observed sites as log p; each latent z by -KL(q(z) || p(z))
+    where torch has the pair's closed form, else by Monte Carlo, log p(z) - log q(z);
+    the guide's auxiliary sites by -log q.
+
+    A guide site that is a point mass (:func:`delta_site`: an automatic guide's
+    Delta(theta, log_density)) is always scored by Monte Carlo, log p(theta) - log_density.
+    Pyro's TraceMeanField_ELBO (pyro-ppl 1.9.2) takes Pyro's registered KL for it,
+    KL(Delta(theta) || p) = -log p(theta), which leaves out log_density: the term
+    -E_q log|det dtheta/du| is then missing from the bound (2.5 nats on a Bayesian
+    Gaussian's mean-field guide), and training on it is biased. With the Monte Carlo
+    term the two objectives have the same expectation.
+
+    With Pyro's validation on, the traces are Pyro's own (``ELBO._get_traces``, with all
+    its checks: model and guide sites matching, shapes, the mean-field condition) and
+    ``elbo`` is Pyro's loss; ``elbo-analytic`` scores those checked traces with the
+    terms above, after Pyro's check that every guide site is reparameterized. With
+    validation off (the training driver's steps after the first) the loss is computed
+    from one trace of the guide and the model replayed on it, without the work Pyro does
+    for every estimator (log densities the estimator does not use, score parts of
     reparameterized sites, pruned trace copies, a float per site): same draws, same
-    value and gradient to float round-off (``tests/test_perf.py``), about 0.3 ms a
-    step less. A guide with a site that is not reparameterized or is enumerated gets
-    Pyro's own per-particle loss on those traces.
+    value and gradient to float round-off (``tests/test_perf.py``), about 0.3 ms a step
+    less. A guide with a site that is not reparameterized or is enumerated gets Pyro's
+    own per-particle loss on those traces (TraceMeanField_ELBO refuses such a guide
+    under validation).
     """
 
     def __init__(self, name: str, n_particles: int = 1, max_plate_nesting: int = 1, plate: str = DATA_PLATE):
@@ -90,30 +122,59 @@ class PyroELBO(Objective):
                         max_plate_nesting=max_plate_nesting)
 
     def __call__(self, model, guide, x) -> torch.Tensor:
-        if is_validation_enabled():
+        if not is_validation_enabled():
+            return self.lean_loss(model, guide, x)
+        if not self.analytic:
             return self.elbo.differentiable_loss(model, guide, x)
-        return self.lean_loss(model, guide, x)
+        return self.checked_analytic_loss(model, guide, x)
+
+    def checked_analytic_loss(self, model, guide, x) -> torch.Tensor:
+        """``elbo-analytic`` on Pyro's checked traces (one vectorized pair for K > 1)."""
+        loss = 0.0
+        for model_tr, guide_tr in self.elbo._get_traces(model, guide, (x,), {}):
+            for site in guide_tr.nodes.values():
+                if is_scored(site):
+                    check_fully_reparametrized(site)  # Pyro's own refusal, as in its estimator
+            loss = loss - self.mean_field_elbo(model_tr, guide_tr) / self.n_particles
+        warn_if_nan(loss, "loss")
+        return loss
 
     def lean_loss(self, model, guide, x) -> torch.Tensor:
         """The loss of ``differentiable_loss`` without Pyro's per-estimator overhead."""
         K = self.n_particles
         # Pyro's vectorized particles (K > 1): the same plate dim, so the same draws
         guide_tr, model_tr = trace_pair(model, guide, (x,), K, self.max_plate_nesting, vectorize=K > 1)
-        model_sites = [(n, s) for n, s in model_tr.nodes.items() if is_scored(s)]
-        guide_sites = {n: s for n, s in guide_tr.nodes.items() if is_scored(s)}
-        if any(not s["fn"].has_rsample or s["infer"].get("enumerate") for s in guide_sites.values()):
+        guide_sites = [s for s in guide_tr.nodes.values() if is_scored(s)]
+        if any(not s["fn"].has_rsample or s["infer"].get("enumerate") for s in guide_sites):
             return self._pyro_particle_loss(model_tr, guide_tr)  # score-function terms: Pyro's estimator
         if not self.analytic:  # Trace_ELBO: sum log p over the model's sites, minus sum log q over the guide's
-            elbo = sum(scaled_sum(s) for _, s in model_sites) - sum(scaled_sum(s) for s in guide_sites.values())
+            elbo = (sum(scaled_sum(s) for s in model_tr.nodes.values() if is_scored(s))
+                    - sum(scaled_sum(s) for s in guide_sites))
             return -elbo / K
-        elbo = 0.0  # TraceMeanField_ELBO: the KL of each latent where a closed form is registered
-        for name, site in model_sites:
+        elbo = self.mean_field_elbo(model_tr, guide_tr)
+        if elbo is None:  # a model latent without a guide site: Pyro says what is wrong
+            return self._pyro_particle_loss(model_tr, guide_tr)
+        return -elbo / K
+
+    @staticmethod
+    def mean_field_elbo(model_tr, guide_tr) -> torch.Tensor | None:
+        """The ``elbo-analytic`` bound of one trace pair, summed over its particles, rows
+        (scaled) and sites (see the class docstring); None when a model latent has no
+        guide site."""
+        guide_sites = {n: s for n, s in guide_tr.nodes.items() if is_scored(s)}
+        elbo = 0.0
+        for name, site in model_tr.nodes.items():
+            if not is_scored(site):
+                continue
             if site["is_observed"]:
                 elbo = elbo + scaled_sum(site)
                 continue
             q = guide_sites.pop(name, None)
-            if q is None:  # a model latent without a guide site: Pyro says what is wrong
-                return self._pyro_particle_loss(model_tr, guide_tr)
+            if q is None:
+                return None
+            if delta_site(q["fn"]):  # log p(theta) - log_density: Pyro's KL leaves out the latter
+                elbo = elbo + scaled_sum(site) - scaled_sum(q)
+                continue
             try:
                 kl = torch.distributions.kl_divergence(q["fn"], site["fn"])
             except NotImplementedError:  # Monte Carlo instead, as Pyro does
@@ -123,7 +184,7 @@ class PyroELBO(Objective):
             elbo = elbo - (kl.sum() if torch.is_tensor(kl) else kl * q["fn"].batch_shape.numel())
         for q in guide_sites.values():  # the guide's auxiliary sites (none in the model)
             elbo = elbo - scaled_sum(q)
-        return -elbo / K
+        return elbo
 
     def _pyro_particle_loss(self, model_tr, guide_tr) -> torch.Tensor:
         """Pyro's own loss (value, and the surrogate's gradient) from these traces."""
