@@ -88,7 +88,7 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     objective = build_objective(config.objective, config.n_particles, config.alpha, model.max_plate_nesting,
-                                model.data_plate)
+                                model.data_plate, for_training=True)
     check_config_for_data(config, data)
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if resume and (ckpt_path is None or not os.path.isfile(ckpt_path)):
