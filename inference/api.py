@@ -32,7 +32,7 @@ from elbolab.inference import traces
 from elbolab.inference.checkpoints import CHECKPOINT, atomic_torch_save, write_history
 from elbolab.inference.diagnostics import ParetoK
 from elbolab.inference.errors import UsageError
-from elbolab.inference.evaluate import Estimate, importance_estimates
+from elbolab.inference.evaluate import Estimate, importance_estimates, test_log_likelihood
 from elbolab.inference.files import save_json
 from elbolab.inference.runs import (ARGUMENTS, CONFIG, FROM_PYTHON, METRICS, PYTHON, DataSpec, EvalSpec, RunDir,
                                     RunSpec, evaluate_run, read_run)
@@ -151,18 +151,28 @@ class Run:
         raise UsageError(f"{type(self.model).__name__} evaluates a matrix of rows: run.evaluate(x)")
 
     def evaluate(self, *args, num_samples: int = 1000, seed: int = 0, **kwargs) -> dict:
-        """The importance-sampled log-likelihood of held-out rows (``args`` / ``kwargs``: data
-        with the training data's layout; none: the training rows), with the ELBO from the
-        same draws and the Pareto k of each row's weights: {"log_likelihood": {"mean", "se",
-        "n", "pareto_k"}, "elbo": {...}}, nats per datapoint. K = ``num_samples``."""
+        """Held-out rows (``args`` / ``kwargs``: data with the training data's layout; none:
+        the training rows), nats per datapoint, each a mean over rows with its standard
+        error:
+
+        * a model whose latents are per row: the importance-sampled log-likelihood
+          (K = ``num_samples`` draws per row) with the Pareto k of each row's weights, and
+          the ELBO from the same draws: {"log_likelihood": {"mean", "se", "n", "pareto_k",
+          "reliable"}, "elbo": {...}};
+        * a model with global latents (a regression's weights): the posterior predictive
+          log density of each row, log (1/S) sum_s p(x_i | theta_s) with S = ``num_samples``
+          draws theta_s from the guide (fit to the training rows): {"log_predictive": {...}}.
+        """
         x = self.rows(args, kwargs)
         rows = None
         if x is None:
             x, rows = self.data.train, torch.arange(self.data.n_train)
-        pareto = ParetoK()
-        est = importance_estimates(self.model, x, num_samples, rows, seed=seed, on_log_weights=pareto)
-        return {"log_likelihood": {**est["log_likelihood"].to_dict(), "n_samples": num_samples,
-                                   "pareto_k": pareto.summary()},
+        local, glob = traces.latent_names(self.model, self.data.train[:2], torch.arange(min(2, self.data.n_train)))
+        if glob and not local:
+            return {"log_predictive": log_predictive(self.model, self.data.train, x, num_samples, seed).to_dict(),
+                    "n_samples": num_samples, "units": "nats per datapoint"}
+        est = test_log_likelihood(self.model, x, num_samples, seed, rows)
+        return {"log_likelihood": {**est["log_likelihood"].to_dict(), "n_samples": num_samples},
                 "elbo": est["elbo"].to_dict(), "units": "nats per datapoint"}
 
     def diagnose(self, *args, draws: int = 200, chains: int = 2, seed: int = 0, **kwargs):
@@ -194,6 +204,20 @@ class Run:
                 write_history(self.result.history, self.result.validations, run_dir.file("history.csv"))
         self.path = path
         return path
+
+
+def log_predictive(model, train: torch.Tensor, x: torch.Tensor, n_samples: int, seed: int = 0) -> Estimate:
+    """log (1/S) sum_s p(x_i | theta_s) per row of x, theta_s ~ q the guide of a model with
+    global latents only (drawn given the training rows): the posterior predictive log
+    density of held-out rows, S = ``n_samples``."""
+    from elbolab.inference.diagnostics import guide_draws, model_draws
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        draws = guide_draws(model, train, torch.arange(int(train.shape[0])), n_samples, predictive=False)
+        d = model_draws(model, x, None, draws.latents, frozenset(), predictive=False)
+    log_lik = sum(d.log_lik.values())  # (S, B)
+    return Estimate.of(torch.logsumexp(log_lik, 0) - math.log(n_samples))
 
 
 def load_run(path: str, model: Callable | None = None, guide: Callable | None = None) -> Run:

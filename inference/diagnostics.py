@@ -85,7 +85,7 @@ from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import MAX_ELEMENTS
 from elbolab.inference.files import TMP_PREFIX
 from elbolab.models.protocol import DerivedQuantities, ExactPosterior
-from elbolab.inference.traces import batch, in_plate, is_latent, is_scored, particles, site_log_prob
+from elbolab.inference.traces import batch, in_plate, is_latent, is_scored, particles, site_log_prob, vectorizes
 
 K_GOOD = 0.5  # k below: finite variance
 K_BAD = 0.7  # k above: unreliable (Vehtari et al. 2024; Yao et al. 2018)
@@ -249,8 +249,11 @@ def guide_draws(model, x: torch.Tensor, rows: torch.Tensor | None, n: int, predi
     (per-datapoint guides need them); None when x is a set of its own."""
     nesting = model.max_plate_nesting
     b = int(x.shape[0])
+    vec = vectorizes(model)
+    if not vec and n > 1:  # a model that takes no particles plate: one draw at a time
+        return _join_draws([guide_draws(model, x, rows, 1, predictive) for _ in range(n)])
     with torch.no_grad():
-        with particles(n, nesting), batch(model, x, rows):
+        with particles(n, nesting, vectorize=vec), batch(model, x, rows):
             guide_tr = poutine.trace(model.guide).get_trace(x)
         sites = [s for s in guide_tr.nodes.values() if is_latent(s)]
         local = frozenset(s["name"] for s in sites if in_plate(s, model.data_plate))
@@ -281,10 +284,14 @@ def model_draws(model, x: torch.Tensor, rows: torch.Tensor | None, latents: dict
     ``predictive``) replicated data. ``log_q`` is left zero (no guide here)."""
     nesting = model.max_plate_nesting
     n, b = int(next(iter(latents.values())).shape[0]), int(x.shape[0])
+    vec = vectorizes(model)
+    if not vec and n > 1:  # a model that takes no particles plate: one draw at a time
+        return _join_draws([model_draws(model, x, rows, {k: v[i:i + 1] for k, v in latents.items()}, local,
+                                        predictive) for i in range(n)])
     has_global = any(k not in local for k in latents)
-    values = _traced_layout(model, latents, local)
+    values = _traced_layout(model, latents, local) if vec else {k: v[0] for k, v in latents.items()}
     with torch.no_grad():
-        with particles(n, nesting), batch(model, x, rows):
+        with particles(n, nesting, vectorize=vec), batch(model, x, rows):
             model_tr = poutine.trace(poutine.condition(model.model, data=values)).get_trace(x)
         log_lik, observed = {}, {}
         joint = x.new_zeros((n,) if has_global else (n, 1), dtype=torch.float64)
@@ -316,8 +323,10 @@ def _replicate(model, x, rows, model_tr, values: dict, obs_names: list[str]):
     n, b = int(next(iter(values.values())).shape[0]), int(x.shape[0])
     # Predictive pads a posterior sample (n, *site shape) to the plate nesting by its number
     # of dims: the traced layout keeps a global site's event dims from being taken for plates
+    if not vectorizes(model):  # one draw, without a particles plate
+        values = {k: v[None] for k, v in values.items()}
     pred = pyro.infer.Predictive(poutine.uncondition(model.model), posterior_samples=values, num_samples=n,
-                                 return_sites=obs_names, parallel=True)
+                                 return_sites=obs_names, parallel=vectorizes(model))
     with batch(model, x, rows):
         out = pred(x)
     replicated, rep_log_lik = {}, {}
@@ -328,6 +337,20 @@ def _replicate(model, x, rows, model_tr, values: dict, obs_names: list[str]):
         # the observed site's distribution at these draws (batch (n, B)), at the replicates
         rep_log_lik[name] = site["fn"].log_prob(rep).double().reshape(n, b)
     return replicated, rep_log_lik
+
+
+def _join_draws(parts: list[Draws]) -> Draws:
+    """Draws of the same rows made one after another, joined along the draws."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+
+    def cat(key: str) -> dict:
+        return {k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(first, key)}
+
+    return Draws(cat("latents"), first.local, cat("log_lik"), dict(first.observed), cat("replicated"),
+                 cat("replicated_log_lik"), torch.cat([p.log_joint for p in parts]),
+                 torch.cat([p.log_q for p in parts]))
 
 
 def _chunk_rows(x: torch.Tensor, n: int, max_elements: int = MAX_ELEMENTS) -> int:

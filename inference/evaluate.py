@@ -19,7 +19,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -35,10 +35,18 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015: a unit is active if Cov_x(E_q
 
 @dataclass
 class Estimate:
+    """A mean over rows with its standard error. An importance-sampled estimate also
+    carries ``pareto_k``, the Pareto k summary of the weights it came from
+    (``inference.diagnostics.pareto_k_summary``), and ``reliable``: False when that
+    summary says the weights' tail makes the number untrustworthy whatever its standard
+    error (or when k could not be determined); None where no weights are involved."""
+
     mean: float
     se: float
     n: int
     values: torch.Tensor | None = None  # per row
+    pareto_k: dict | None = None
+    reliable: bool | None = None
 
     @classmethod
     def of(cls, values: torch.Tensor) -> "Estimate":
@@ -47,8 +55,17 @@ class Estimate:
         se = float(v.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
         return cls(float(v.mean()), se, n, v)
 
+    def with_reliability(self, pareto_k: dict | None, reliable: bool | None) -> "Estimate":
+        """The same estimate carrying a Pareto k summary and a reliability flag."""
+        return replace(self, pareto_k=pareto_k, reliable=reliable)
+
     def to_dict(self) -> dict:
-        return {"mean": self.mean, "se": self.se, "n": self.n}
+        out = {"mean": self.mean, "se": self.se, "n": self.n}
+        if self.pareto_k is not None:
+            out["pareto_k"] = self.pareto_k
+        if self.reliable is not None:
+            out["reliable"] = self.reliable
+        return out
 
 
 def elbo_terms(model, x: torch.Tensor, rows: torch.Tensor | None = None, n_particles: int = 1) -> dict:
@@ -173,6 +190,51 @@ def importance_estimates(model, x: torch.Tensor, n_samples: int, rows: torch.Ten
             if kept is not None:
                 on_log_weights(start, torch.cat(kept, 1))  # (b, K)
     return {key: Estimate.of(v) for key, v in out.items()}
+
+
+def test_log_likelihood(model, x: torch.Tensor, n_samples: int, seed: int, rows: torch.Tensor | None = None, *,
+                        pareto=None, on_log_weights: Callable[[int, torch.Tensor], None] | None = None
+                        ) -> dict[str, Estimate]:
+    """The importance-sampled log-likelihood of the rows x (K = ``n_samples``, drawn under
+    ``seed``) with its reliability: :func:`importance_estimates`'s estimates, the
+    ``log_likelihood`` one carrying the Pareto k summary of the rows' weights and its
+    ``reliable`` flag (``inference.diagnostics``: reliable when at most 1% of rows have
+    k > 0.7; False when k is undetermined, K < 21).
+
+    One estimate, one answer: the draws depend on (model, x, K, seed) only. The chunking
+    of rows and particles is the default one (a function of x's shape), never the
+    caller's, since other chunks draw other random numbers (and so another estimate of
+    each row's k). Callers that report the same estimate (a fit's test log-likelihood,
+    a later re-evaluation of the run) pass the same seed (:func:`log_likelihood_seed`) and get the
+    same numbers and the same k share: the share of rows with k > 0.7 is itself a Monte
+    Carlo statistic (each row's k estimate from K = 1000 draws has a spread of about
+    0.13 across seeds on a digits VAE, and its share over 270 test rows ranged from
+    3.3% to 8.5% over 20 seeds).
+
+    ``pareto``: a ``ParetoK`` to fill (its per-row values, e.g. for a plot; a new one
+    otherwise); ``on_log_weights``: a further callback on the same weights (e.g. an
+    :class:`IWAELadder`), called before it.
+    """
+    from elbolab.inference.diagnostics import ParetoK, compose  # diagnostics imports this module
+
+    pareto = ParetoK() if pareto is None else pareto
+    est = importance_estimates(model, x, n_samples, rows, seed=int(seed),
+                               on_log_weights=compose(on_log_weights, pareto))
+    summary = pareto.summary()
+    est["log_likelihood"] = est["log_likelihood"].with_reliability(summary, bool(summary["reliable"]))
+    return est
+
+
+test_log_likelihood.__test__ = False  # a library function, not a test, wherever a test module imports it
+
+
+TEST_SEED_OFFSET = 2  # a run's test log-likelihood draws under its training seed + 2
+
+
+def log_likelihood_seed(train_seed: int) -> int:
+    """The seed of a run's test log-likelihood (:func:`test_log_likelihood`) from its
+    training seed: the one seed for that estimate, whoever computes it."""
+    return int(train_seed) + TEST_SEED_OFFSET
 
 
 def importance_log_likelihood(model, x: torch.Tensor, n_samples: int, rows: torch.Tensor | None = None,

@@ -22,12 +22,32 @@ of log p(x_i) in expectation; the larger of two is at least as tight, and exceed
 log p(x_i) only by Monte Carlo error (which the standard error over rows includes).
 Since IWAE_K[q] >= L[q] draw by draw (Jensen), the inference and approximation gaps
 so measured are never negative.
+
+Reliability. An importance-sampled log p(x) is only as good as the tail of its weights:
+with heavy-tailed weights the IWAE estimate falls short of log p(x) by more than its
+standard error says (measured: PPCA with a poor diagonal encoder on a strongly
+correlated posterior, every row's k > 0.7, approximation gap estimated well below its
+closed form). So every Estimate here carries ``pareto_k``, the Pareto k summary of the
+weights it came from (``inference.diagnostics.ParetoK``), and ``reliable``:
+
+* ``iwae``, ``iwae_star``: the weights of q, of q*; reliable by the summary's rule (at
+  most 1% of rows with k > 0.7);
+* ``log_likelihood``: each row's k from the proposal whose estimate was taken (q or
+  q*); reliable likewise (exact: no k, reliable);
+* ``inference_gap``, ``approximation_gap``: log p(x)'s summary and flag;
+* ``elbo``, ``elbo_star``: their weights' summary (None when exact), reliable: a mean of
+  log weights, whose error the standard error measures whatever the weights' tail;
+* ``amortization_gap``: L[q*] - L[q], no log p(x): reliable.
+
+``reliable`` of the whole result: every quantity's flag.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from elbolab.inference.diagnostics import ParetoK, pareto_k_summary
 from elbolab.inference.evaluate import Estimate, importance_estimates
 from elbolab.inference.traces import reads_row_indices
 
@@ -45,9 +65,12 @@ def _exact(model, name: str):
 def bounds(model, x: torch.Tensor, rows: torch.Tensor | None, n_samples: int, seed: int = 0) -> dict:
     """Per-row bounds of one guide, float64 (N,) each: ``elbo`` (exact where the model
     has ``exact_elbo``, else the mean of ``n_samples`` log weights), ``iwae`` (the
-    ``n_samples``-sample IWAE bound, the log-mean-exp of the same weights)."""
-    est = importance_estimates(model, x, n_samples, rows, seed=seed)
-    out = {"elbo": est["elbo"].values, "iwae": est["log_likelihood"].values, "exact": False}
+    ``n_samples``-sample IWAE bound, the log-mean-exp of the same weights); ``k`` the
+    Pareto k of each row's weights (N,) and ``pareto_k`` their summary."""
+    pareto = ParetoK()
+    est = importance_estimates(model, x, n_samples, rows, seed=seed, on_log_weights=pareto)
+    out = {"elbo": est["elbo"].values, "iwae": est["log_likelihood"].values, "exact": False,
+           "k": pareto.values, "pareto_k": pareto.summary()}
     exact_elbo = _exact(model, "exact_elbo")
     if exact_elbo is not None:
         with torch.no_grad():
@@ -56,14 +79,20 @@ def bounds(model, x: torch.Tensor, rows: torch.Tensor | None, n_samples: int, se
     return out
 
 
+def _flag(summary: dict | None) -> bool:
+    """A summary's verdict; undetermined (too few samples for k) is not reliable."""
+    return bool(summary is not None and summary["reliable"])
+
+
 def decompose(guide, local, x: torch.Tensor, n_samples: int, rows: torch.Tensor | None = None,
               seed: int = 0) -> dict:
     """The decomposition on the rows of x (N, D): ``guide`` is the q under study (a model
     whose guide covers x, ``rows`` its indices where it needs them) and ``local`` the q*
     model (e.g. ``optimize_local(...).model``: its rows are x's, in order). Both share the
-    fixed generative model. Returns {quantity: Estimate} for ``QUANTITIES`` and
-    ``exact`` (bool), ``n_samples``, ``proposal_star_share`` (rows whose log p(x)
-    estimate came from q*; None when exact)."""
+    fixed generative model. Returns {quantity: Estimate} for ``QUANTITIES``, each with
+    its ``pareto_k`` and ``reliable`` (see the module docstring), and ``exact`` (bool),
+    ``n_samples``, ``proposal_star_share`` (rows whose log p(x) estimate came from q*;
+    None when exact), ``reliable`` (every quantity's flag)."""
     n = int(x.shape[0])
     if rows is None and reads_row_indices(guide, x):
         rows = torch.arange(n)  # a table over the rows of x
@@ -74,18 +103,30 @@ def decompose(guide, local, x: torch.Tensor, n_samples: int, rows: torch.Tensor 
     if exact_ll is not None:
         with torch.no_grad():
             log_px = exact_ll(x).double()
+        ll_k, ll_reliable = None, True
     else:
-        log_px = torch.maximum(a["iwae"], s["iwae"])
-        share = float((s["iwae"] > a["iwae"]).double().mean())
+        from_star = s["iwae"] > a["iwae"]
+        log_px = torch.where(from_star, s["iwae"], a["iwae"])
+        share = float(from_star.double().mean())
+        ll_k = pareto_k_summary(np.where(from_star.numpy(), s["k"], a["k"]), n_samples)
+        ll_reliable = _flag(ll_k)
     values = {"log_likelihood": log_px, "elbo": a["elbo"], "iwae": a["iwae"], "elbo_star": s["elbo"],
               "iwae_star": s["iwae"], "inference_gap": log_px - a["elbo"],
               "approximation_gap": log_px - s["elbo"], "amortization_gap": s["elbo"] - a["elbo"]}
-    out: dict = {k: Estimate.of(v) for k, v in values.items()}
+    reliability = {"log_likelihood": (ll_k, ll_reliable),
+                   "elbo": (None if a["exact"] else a["pareto_k"], True),
+                   "iwae": (a["pareto_k"], _flag(a["pareto_k"])),
+                   "elbo_star": (None if s["exact"] else s["pareto_k"], True),
+                   "iwae_star": (s["pareto_k"], _flag(s["pareto_k"])),
+                   "inference_gap": (ll_k, ll_reliable), "approximation_gap": (ll_k, ll_reliable),
+                   "amortization_gap": (None, True)}
+    out: dict = {k: Estimate.of(v).with_reliability(*reliability[k]) for k, v in values.items()}
     out.update({"exact": exact_ll is not None and a["exact"] and s["exact"], "n_samples": int(n_samples),
-                "proposal_star_share": share})
+                "proposal_star_share": share, "reliable": all(out[k].reliable for k in QUANTITIES)})
     return out
 
 
 def to_dict(result: dict) -> dict:
-    """``decompose``'s result for JSON: each Estimate as {mean, se, n}."""
+    """``decompose``'s result for JSON: each Estimate as {mean, se, n} with its
+    ``pareto_k`` summary and ``reliable`` flag where it has them."""
     return {k: v.to_dict() if isinstance(v, Estimate) else v for k, v in result.items()}

@@ -42,10 +42,10 @@ import torch
 from elbolab import models
 from elbolab.inference import distributed
 from elbolab.inference.checkpoints import CHECKPOINT, HISTORY, check_checkpoint, load_checkpoint
-from elbolab.inference.diagnostics import ParetoK, compose
+from elbolab.inference.diagnostics import ParetoK
 from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import (IWAELadder, active_units, elbo_estimate, elbo_terms, global_latent_sites,
-                                        importance_estimates)
+                                        log_likelihood_seed, test_log_likelihood)
 from elbolab.inference.files import remove_temporaries, save_json
 from elbolab.inference.traces import DATA_PLATE, infers_new_rows, latent_names
 from elbolab.inference.train import check_objective_for_model, fit
@@ -57,6 +57,7 @@ from elbolab.models.datasources import (BINARIZE, DATASETS, DataSplits, check_bi
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
+EVALUATION = "evaluation.json"  # what elbolab evaluate writes
 ARGUMENTS = "arguments.pt"  # the data arguments of a model fit from Python (elbolab.fit)
 PYTHON = "<python>"  # the model of a run fit from Python: load_run needs it (and its guide) again
 FROM_PYTHON = "arguments"  # the data of such a run: the arguments given to elbolab.fit
@@ -645,7 +646,7 @@ def evaluate_run(model, data: DataSplits, spec: RunSpec, result, pareto: ParetoK
         kl = metrics["train_log_evidence"] - elbo["mean"]
         metrics["train_kl_to_posterior"] = {"mean": kl, "se": elbo["se"], "total_nats": kl * data.n_train}
     if new_rows and not global_latents and data.test.shape[0]:
-        metrics.update(test_likelihood_metrics(model, data.test, spec.eval.n_samples, seed=seed + 2,
+        metrics.update(test_likelihood_metrics(model, data.test, spec.eval.n_samples, seed=log_likelihood_seed(seed),
                                                exact="test_log_likelihood" in metrics, pareto=pareto))
     return metrics
 
@@ -663,14 +664,59 @@ def test_likelihood_metrics(model, x, n_samples: int, seed: int, exact: bool = F
     sizes = tuple(m for m in (10**i for i in range(7)) if m <= n_samples and n_samples % m == 0)
     ladder = IWAELadder(int(x.shape[0]), sizes)
     pareto = ParetoK() if pareto is None else pareto
-    est = importance_estimates(model, x, n_samples, seed=seed, on_log_weights=compose(ladder, pareto))
+    est = test_log_likelihood(model, x, n_samples, seed, pareto=pareto, on_log_weights=ladder)
     key = "test_log_likelihood_is" if exact else "test_log_likelihood"
     pareto_k = pareto.summary()
-    out = {key: {**est["log_likelihood"].to_dict(), "n_samples": n_samples, "pareto_k": pareto_k},
+    out = {key: {**est["log_likelihood"].to_dict(), "n_samples": n_samples},
            "test_importance": {"n_samples": n_samples, **{t: est[t].to_dict() for t in ("elbo", "recon", "kl")},
                                "iwae": {str(m): e.to_dict() for m, e in ladder.estimates().items()},
                                "pareto_k": pareto_k}}
     if len(latent_names(model, x[:1])[0]) == 1:
         au = active_units(model, x)
         out["test_active_units"] = {k: au[k] for k in ("active_units", "latent_dim", "threshold")}
+    return out
+
+
+# ----------------------------------------------------------------------------- re-evaluating a run
+
+
+def evaluate_split(run: LoadedRun, split: str = "test", n_samples: int = 5000, seed: int | None = None,
+                   max_rows: int | None = None, per_row: bool = False, pareto: ParetoK | None = None) -> dict:
+    """The importance-sampled log-likelihood of a run's ``split`` rows (K = ``n_samples``)
+    with its Pareto k, the ELBO and its terms from the same draws, and the active units:
+    the record ``elbolab evaluate`` writes. ``seed``: of the draws (default: the run's own
+    test-set seed, so that the test estimate is the one its fit reported); ``per_row``
+    adds each row's estimate (for paired comparisons of runs on the same rows);
+    ``pareto``: a ParetoK to fill with each row's k."""
+    data, model = run.data, run.model
+    seed = log_likelihood_seed(run.spec.train.seed) if seed is None else int(seed)
+    x = getattr(data, split)
+    rows = None
+    if split == "train":
+        rows = torch.arange(data.n_train)
+        if data.binarize == "dynamic":  # one fixed draw of the training rows' binarization
+            x = torch.bernoulli(x, generator=torch.Generator().manual_seed(0))
+    elif x.shape[0] and not infers_new_rows(model, data.train):
+        raise UsageError(f"{run.path}: the run's guide is per-datapoint and cannot infer {split} rows; "
+                         "evaluate the train split")
+    if x.shape[0] == 0:
+        raise UsageError(f"{run.path}: the {split} split has no rows")
+    if max_rows is not None:
+        x = x[:max_rows]
+        rows = None if rows is None else rows[:max_rows]
+    t0 = time.perf_counter()
+    pareto = ParetoK() if pareto is None else pareto
+    est = test_log_likelihood(model, x, n_samples, seed, rows, pareto=pareto)
+    out = {
+        "run": os.path.abspath(run.path), "model": run.spec.model, "checkpoint_step": run.step,
+        "split": split, "n_rows": int(x.shape[0]), "n_samples": n_samples, "seed": seed,
+        "units": "nats per datapoint",
+        "log_likelihood": est["log_likelihood"].to_dict(),
+        "elbo": est["elbo"].to_dict(), "recon": est["recon"].to_dict(), "kl": est["kl"].to_dict(),
+        "seconds": time.perf_counter() - t0,
+    }
+    if len(latent_names(model, x[:1], None if rows is None else rows[:1])[0]) == 1:
+        out["active_units"] = active_units(model, x, rows)
+    if per_row:
+        out["log_likelihood_per_row"] = [float(v) for v in est["log_likelihood"].values]
     return out

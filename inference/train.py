@@ -88,7 +88,7 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     objective = build_objective(config.objective, config.n_particles, config.alpha, model.max_plate_nesting,
-                                model.data_plate)
+                                model.data_plate, for_training=True)
     check_config_for_data(config, data)
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if resume and (ckpt_path is None or not os.path.isfile(ckpt_path)):
@@ -100,6 +100,7 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
     # tables that can look up rows sparsely (nn.Embedding's ``sparse`` flag) do so while training:
     # their gradients then name the rows a step touched (see SVIModule.setup)
     sparse_flags = [(m, m.sparse) for m in model.modules() if isinstance(getattr(m, "sparse", None), bool)]
+    model.train()  # (an evaluation after an earlier fit leaves the modules in eval mode)
     module = SVIModule(model, data, config, objective)
     steps_per_epoch = math.ceil(math.ceil(data.n_train / (config.devices * config.num_nodes)) / config.batch_size)
     total = config.steps if config.steps is not None else config.epochs * steps_per_epoch

@@ -673,7 +673,12 @@ def fit_gaussian(target, objective: str, steps: int, loc0: float = 0.5, scale0: 
     self-normalized importance-sampled gradient of KL(p || q)). Adam with the rate decaying
     exponentially to ``lr_final``; returns (loc, scale), averaged over the last
     ``average_last`` steps' iterates (0: the final iterate)."""
-    guide = GaussianApproximation(loc0, scale0).forward  # its parameters its own, not Pyro's store's
+    with pyro.settings.context(module_local_params=True):  # the guide's parameters its own, not the store's
+        return _fit_gaussian(target, objective, steps, loc0, scale0, lr, lr_final, n_particles, average_last)
+
+
+def _fit_gaussian(target, objective, steps, loc0, scale0, lr, lr_final, n_particles, average_last):
+    guide = GaussianApproximation(loc0, scale0)
 
     def model():
         return pyro.sample("z", target)
@@ -685,7 +690,7 @@ def fit_gaussian(target, objective: str, steps: int, loc0: float = 0.5, scale0: 
                                               vectorize_particles=True, max_plate_nesting=0)
     else:
         raise ValueError(f"objective must be 'reverse' or 'forward', got {objective!r}")
-    params = list(guide.__self__.parameters())
+    params = list(guide.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     gamma = (lr_final / lr) ** (1.0 / max(1, steps))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
@@ -696,11 +701,11 @@ def fit_gaussian(target, objective: str, steps: int, loc0: float = 0.5, scale0: 
         opt.step()
         sched.step()
         if average_last and step >= steps - average_last:
-            locs.append(guide.__self__.loc.item())
-            scales.append(guide.__self__.scale.item())
+            locs.append(guide.loc.item())
+            scales.append(guide.scale.item())
     if average_last:
         return sum(locs) / len(locs), sum(scales) / len(scales)
-    return guide.__self__.loc.item(), guide.__self__.scale.item()
+    return guide.loc.item(), guide.scale.item()
 
 
 def reverse_forward_kl(steps: int = 400, separation: float = 2.0, mode_scale: float = 0.5,

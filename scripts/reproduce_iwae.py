@@ -32,9 +32,8 @@ from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import tune_malloc
 from elbolab.inference.files import save_json
 from elbolab.inference.train_config import TrainConfig
-from elbolab.inference.runs import read_run
+from elbolab.inference.runs import EVALUATION, evaluate_split, read_run
 from elbolab.scripts import _cli, _reproduce
-from elbolab.scripts import evaluate as evaluate_script
 
 PROG = "elbolab reproduce-iwae"
 PUBLISHED_NLL = {("vae", 1): 86.76, ("vae", 5): 86.47, ("vae", 50): 86.35,
@@ -82,7 +81,7 @@ def runs_to_train(ks) -> list[tuple[str, str, int]]:
 
 def evaluation(name: str, args) -> dict:
     run_dir = os.path.join(args.out, name)
-    path = os.path.join(run_dir, evaluate_script.EVALUATION)
+    path = os.path.join(run_dir, EVALUATION)
     if args.reuse and os.path.isfile(path):
         with open(path) as f:
             ev = json.load(f)
@@ -90,8 +89,8 @@ def evaluation(name: str, args) -> dict:
                 and "log_likelihood_per_row" in ev:
             return ev
     print(f"[{name}] test log-likelihood, K = {args.n_samples} on {args.test_rows} images ...", file=sys.stderr)
-    ev = evaluate_script.evaluate(read_run(run_dir), "test", args.n_samples, seed=args.seed,
-                                  max_rows=args.test_rows, per_row=True)
+    ev = evaluate_split(read_run(run_dir), "test", args.n_samples, seed=args.seed, max_rows=args.test_rows,
+                        per_row=True)
     save_json(ev, path)
     return ev
 

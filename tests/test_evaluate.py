@@ -152,7 +152,7 @@ def test_active_units_count_the_spread_of_the_guide_means(ppca_case):
 
 def test_bad_arguments(trained_vae):
     m, d = trained_vae
-    with pytest.raises(UsageError, match="--n-samples"):
+    with pytest.raises(UsageError, match="n_samples must be"):
         importance_estimates(m, d.test, 0)
     with pytest.raises(UsageError, match="rows has 3 indices for 270 rows"):
         importance_estimates(m, d.test, 5, torch.arange(3))

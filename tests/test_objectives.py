@@ -108,7 +108,9 @@ def test_renyi_zero_is_iwae_and_one_is_the_elbo(rows):
     lw = model_log_weights(m, x, IDX, 50)
     log_w = lw.log_w.detach()  # (K, B)
     bound = {a: build_objective("renyi", 50, alpha=a).bound(lw).detach() for a in (-1.0, 0.0, 0.5, 0.9, 1 - 1e-7)}
-    assert torch.equal(bound[0.0], build_objective("iwae", 50).bound(lw).detach())
+    # alpha = 0 is IWAE: the same number computed another way (float64, centred), so equal
+    # to round-off of log weights of ~1e2 in float64
+    assert torch.allclose(bound[0.0], build_objective("iwae", 50).bound(lw).detach(), rtol=1e-13, atol=1e-12)
     # alpha -> 1: L_alpha = mean_k log w + (1 - alpha) Var_k(log w) / 2 + O((1 - alpha)^2);
     # the tolerance is twice that first-order term
     elbo = log_w.mean(0)
@@ -231,9 +233,9 @@ def test_dreg_encoder_gradient_is_unbiased_with_lower_variance(rows):
 
 
 def test_bad_objective_arguments():
-    with pytest.raises(UsageError, match="--alpha 1 is not a Renyi bound"):
+    with pytest.raises(UsageError, match="alpha 1 is not a Renyi bound"):
         build_objective("renyi", 5, alpha=1.0)
-    with pytest.raises(UsageError, match="--n-particles"):
+    with pytest.raises(UsageError, match="n_particles must be"):
         build_objective("iwae", 0)
-    with pytest.raises(UsageError, match="unknown --objective"):
+    with pytest.raises(UsageError, match="unknown objective"):
         build_objective("vr", 5)

@@ -1,7 +1,7 @@
 """The fast paths compute the numbers the reference paths compute.
 
-* the lean ELBO (Pyro's validation off) against Pyro's own Trace_ELBO and
-  TraceMeanField_ELBO (validation on): same draws, same value and gradient, for
+* the lean ELBO (Pyro's validation off) against the validated path (Pyro's Trace_ELBO,
+  and TraceMeanField_ELBO's checked traces): same draws, same value and gradient, for
   every model family and guide, analytic and Monte Carlo KL, 1 and 3 particles,
   and a guide with a site that is not reparameterized (Pyro's estimator);
 * BernoulliLogits against torch's Bernoulli: value and gradient, extreme logits,

@@ -24,6 +24,7 @@ import gzip
 import json
 import math
 import os
+import re
 import pickle
 import random
 import shutil
@@ -55,7 +56,9 @@ from elbolab.models.common import data_plate
 from elbolab.scripts import _cli
 from elbolab.scripts import fit as fit_script
 
-BIG_BATCH = "100000"  # larger than any data set here: accepted data stops at the batch-size check
+# more particles than one tensor may hold with any data set: accepted data stops at the memory
+# check, whose refusal names the rows loaded (a batch as large as the training set)
+BIG_PARTICLES = str(2**27 + 1)
 F32_MAX = float(np.finfo(np.float32).max)
 FUZZ = dict(deadline=None, derandomize=True, database=None,
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -93,11 +96,9 @@ def refused(capsys, argv, out=None, watch=None, code=2) -> str:
 
 
 def rows_loaded(line: str) -> int | None:
-    """The training-row count from the batch-size refusal, or None if it is another error."""
-    prefix = f"elbolab fit: error: --batch-size {BIG_BATCH} is larger than the "
-    if line.startswith(prefix) and line.endswith(" training rows"):
-        return int(line[len(prefix):-len(" training rows")])
-    return None
+    """The training-row count from the memory refusal, or None if it is another error."""
+    m = re.match(rf"elbolab fit: error: n_particles {BIG_PARTICLES} x batch_size (\d+) x \d+ data dimensions", line)
+    return int(m.group(1)) if m else None
 
 
 def train_rows(n: int, val: float = 0.1, test: float = 0.1) -> int:
@@ -212,7 +213,7 @@ def test_idx_fuzz_through_fit(case, capsys):
             with open(os.path.join(ddir, name + sfx), "wb") as f:
                 f.write(blob)
         out = out_dir(tmp, case["existing_out"])
-        line = refused(capsys, ["--dataset", "mnist", "--data-dir", ddir, "--batch-size", BIG_BATCH,
+        line = refused(capsys, ["--dataset", "mnist", "--data-dir", ddir, "--n-particles", BIG_PARTICLES,
                                 "--threads", "1"], out)
         got = rows_loaded(line)
         if case["must_load"] is True or (case["must_load"] is None and got is not None):
@@ -308,7 +309,7 @@ def test_matrix_fuzz_through_fit(case, capsys):
     with tempfile.TemporaryDirectory() as tmp:
         path, (ok, what) = write_matrix(case, tmp)
         out = out_dir(tmp, case["existing_out"])
-        line = refused(capsys, ["--data", path, "--batch-size", BIG_BATCH, "--threads", "1"], out)
+        line = refused(capsys, ["--data", path, "--n-particles", BIG_PARTICLES, "--threads", "1"], out)
         if ok:
             assert rows_loaded(line) == what, line
             x = loaders.load_matrix(path)  # the values, exactly, as float64 (N, D)
@@ -383,7 +384,7 @@ def test_csv_fuzz_through_fit(case, capsys):
             f.write(case["data"])
         ok, what = csv_verdict(case)
         out = out_dir(tmp, case["existing_out"])
-        line = refused(capsys, ["--data", path, "--batch-size", BIG_BATCH, "--threads", "1"], out)
+        line = refused(capsys, ["--data", path, "--n-particles", BIG_PARTICLES, "--threads", "1"], out)
         if ok:
             assert rows_loaded(line) == what, line
             assert np.array_equal(loaders.load_matrix(path), np.array(case["values"], dtype=np.float64))
@@ -417,13 +418,13 @@ def test_unreadable_data_file(tmp_path, capsys, monkeypatch):
     (lambda d: str(d), "is a directory"),  # a directory as --data
     (lambda d: (d / "x.npy").mkdir() or str(d / "x.npy"), "is a directory"),
     (lambda d: np.save(d / "h.npy", np.float16([[6e4, 7e4]] * 9)) or str(d / "h.npy"), "non-finite"),  # f16 overflow
-    (lambda d: (d / "one.csv").write_text("1,2,3\n") and str(d / "one.csv"), "larger than the 1 training rows"),
-    (lambda d: np.save(d / "b.npy", np.eye(12, dtype=bool)) or str(d / "b.npy"), "larger than the 10 training rows"),
+    (lambda d: (d / "one.csv").write_text("1,2,3\n") and str(d / "one.csv"), "x batch_size 1 x 3 data dimensions"),
+    (lambda d: np.save(d / "b.npy", np.eye(12, dtype=bool)) or str(d / "b.npy"), "x batch_size 10 x 12 data dimensions"),
     (lambda d: np.save(d / "i.npy", np.arange(-60, 60).reshape(20, 6)) or str(d / "i.npy"),
-     "larger than the 16 training rows"),
+     "x batch_size 16 x"),
 ])
 def test_audit_data_paths(tmp_path, capsys, make, message):
-    line = refused(capsys, ["--data", make(tmp_path), "--batch-size", BIG_BATCH], tmp_path / "out")
+    line = refused(capsys, ["--data", make(tmp_path), "--n-particles", BIG_PARTICLES], tmp_path / "out")
     assert message in line
 
 
@@ -450,7 +451,7 @@ def test_idx_absurd_header_allocates_nothing(tmp_path, capsys):
 # ============================================================================ flags
 
 INT_FLAGS = {  # flag -> (lowest valid, highest valid) on the digits (1257 training rows, 64 pixels)
-    "--n-particles": (1, (1 << 27) // (100 * 64)), "--latent-dim": (1, 64), "--batch-size": (1, 1257),
+    "--n-particles": (1, (1 << 27) // (100 * 64)), "--latent-dim": (1, 64), "--batch-size": (1, None),  # larger than the training set: the whole set
     "--epochs": (1, None), "--steps": (1, None), "--seed": (0, 2**62 - 1), "--threads": (1, 1024),
     "--eval-particles": (1, (1 << 27) // 64), "--val-every": (1, None), "--patience": (1, None),
 }
@@ -495,14 +496,15 @@ def test_flag_fuzz_refused_before_any_work(flag, text, capsys):
         if flag_ok(flag, text):
             assert "the directory is not empty" in line, line
         else:
-            assert flag in line and "not empty" not in line, line
+            param = flag.lstrip("-").replace("-", "_")  # the flag, or the parameter the library names
+            assert (flag in line or param in line) and "not empty" not in line, line
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--strategy", "nope"], "invalid strategy name"),
     (["--accelerator", "tpu"], "accelerator tpu"),
     (["--n-particles", "5000", "--batch-size", "1000"], "n_particles 5000 x batch_size 1000 x 64"),
-    (["--objective", "renyi", "--alpha", "nan"], "--alpha must be a finite number"),
+    (["--objective", "renyi", "--alpha", "nan"], "--alpha: must be a finite number"),
     (["--seed", "-1"], "seed must be an integer in [0, 2**62)"),
 ])
 def test_flags_needing_more_than_argparse(tmp_path, capsys, argv, message):
@@ -576,10 +578,10 @@ def test_foreign_checkpoint_refused(finished_run, tmp_path, capsys, tamper, mess
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"", "unreadable"), (b"{\"model\": ", "unreadable"), (b"\xff\xfe", "unreadable"), (b"[]", "not an elbolab"),
-    (b"null", "not an elbolab"), (b"{}", "not an elbolab"),
-    (None, "model must be one of"), (None, "lr must be a positive number"), (None, "not a usable run config"),
-    (None, "bad value(s) for val_fraction"),
+    (b"", "unreadable"), (b"{\"model\": ", "unreadable"), (b"\xff\xfe", "unreadable"), (b"[]", "must be an object"),
+    (b"null", "must be an object"), (b"{}", "not an elbolab"),
+    (None, "model must be one of"), (None, "train: lr must be a positive number"),
+    (None, "train: lr must be a number, got \"fast\""), (None, "data: val_fraction must be a number, got \"most\""),
 ])
 def test_corrupt_config_json_refused(finished_run, tmp_path, capsys, content, message):
     run = copy_run(finished_run, tmp_path)
@@ -587,9 +589,9 @@ def test_corrupt_config_json_refused(finished_run, tmp_path, capsys, content, me
         spec = json.loads((run / "config.json").read_text())
         if "model" in message:
             spec["model"] = "nope"
-        elif "--lr" in message:
+        elif "positive" in message:
             spec["train"]["lr"] = -1
-        elif "usable" in message:
+        elif "fast" in message:
             spec["train"]["lr"] = "fast"
         else:
             spec["data"]["val_fraction"] = "most"
@@ -874,13 +876,15 @@ def test_live_run_locks_its_directory_until_killed(forks, tmp_path, capsys):
     deadline = time.time() + 120
     while not (run / CHECKPOINT).exists() and time.time() < deadline:
         time.sleep(0.05)
-    assert (run / runs.LOCK).read_text() == str(p.pid)
-    for argv in ([*TINY, "--epochs", "1", "--overwrite", "--out", str(run)], ["--resume", str(run)]):
-        assert fit_script.main(argv) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"elbolab fit: error: --out {run}: another run (pid {p.pid}) is writing this directory"]
-    p.kill()
-    p.join()
+    try:
+        assert (run / runs.LOCK).read_text() == str(p.pid)
+        for argv in ([*TINY, "--epochs", "1", "--overwrite", "--out", str(run)], ["--resume", str(run)]):
+            assert fit_script.main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err == [f"elbolab fit: error: {run}: another run (pid {p.pid}) is writing this directory"]
+    finally:  # a failed assertion must not leave a 100000-epoch run behind
+        p.kill()
+        p.join()
     assert (run / runs.LOCK).exists()  # a kill leaves the lock file, but not its flock
     step = load_checkpoint(str(run / CHECKPOINT))["global_step"]
     assert fit_script.main(["--resume", str(run), "--epochs", "1", "--no-progress"]) == 0

@@ -66,8 +66,8 @@ def _bad(capsys, argv):
 @pytest.mark.parametrize("argv, message", [
     (["--data", "/nonexistent/x.npy"], "/nonexistent/x.npy: no such file"),
     (["--latent-dim", "100"], "latent_dim 100 is larger than the data dimension 64"),
-    (["--objective", "renyi", "--alpha", "1"], "--alpha 1 is not a Renyi bound"),
-    (["--alpha", "0.5"], "--alpha applies to --objective renyi only"),
+    (["--objective", "renyi", "--alpha", "1"], "alpha 1 is not a Renyi bound"),
+    (["--alpha", "0.5"], "alpha applies to the objective renyi only"),
     (["--n-components", "3"], "--n-components does not apply to --model ppca"),
     (["--guide", "nope"], "guide for ppca must be one of"),
     (["--dataset", "mnist"], "dataset mnist needs data_dir"),

@@ -83,7 +83,7 @@ def test_per_datapoint_run_evaluates_training_rows_only(tmp_path, capsys):
     assert "test_log_likelihood" not in m and "train_elbo" in m  # it cannot infer test rows
     code = evaluate_script.main([str(out), "--n-samples", "5"])
     err = capsys.readouterr().err
-    assert code == 2 and "per-datapoint and cannot infer test rows; use --split train" in err
+    assert code == 2 and "per-datapoint and cannot infer test rows; evaluate the train split" in err
     assert evaluate_script.main([str(out), "--n-samples", "5", "--split", "train", "--max-rows", "50"]) == 0
     assert json.loads((out / "evaluation.json").read_text())["n_rows"] == 50
 
