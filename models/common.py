@@ -1,4 +1,7 @@
-"""Pieces the model families share: Config JSON round trip, MLPs, Gaussian guides.
+"""Pieces the model families share: Config JSON round trip, MLPs, Gaussian guides, and
+the observation distributions of the decoders (Bernoulli, continuous Bernoulli, Gaussian
+with a shared scale), each fast when its parameters carry a particles dimension the
+observation lacks.
 
 Nothing here imports ``inference``; nothing here owns an optimizer or a loop.
 """
@@ -136,6 +139,187 @@ class BernoulliLogits(dist.Bernoulli):
             return value * logits - F.softplus(logits)
         lp = F.logsigmoid(logits * (2.0 * value - 1.0))  # (..., D)
         return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
+
+
+# Below this |logit| the continuous Bernoulli's functions of the logits use their Taylor
+# series (each to the term whose successor is below 1e-15 there: float64 round-off); at
+# and above it the closed forms, whose cancellation costs a few ulps of |log 0.1| at most.
+CB_TAYLOR = 0.1
+
+
+def _log_sinhc_half(a: torch.Tensor) -> torch.Tensor:
+    """h(a) = log(sinh(a/2) / (a/2)) for a = |logit| >= 0, elementwise, same shape.
+
+    h(a) = a/2 + log((1 - e^-a) / a) (exact; no overflow for any finite a), and for
+    a < ``CB_TAYLOR`` its series a^2/24 - a^4/2880 + a^6/181440 - a^8/9676800 (the
+    closed form would take the difference of two logs of size |log a|). The closed form
+    is evaluated at max(a, CB_TAYLOR) so that neither branch makes an infinite or NaN
+    gradient.
+    """
+    safe = a.clamp_min(CB_TAYLOR)
+    closed = 0.5 * safe + torch.log(-torch.expm1(-safe) / safe)
+    a2 = a * a
+    series = a2 * (1.0 / 24 + a2 * (-1.0 / 2880 + a2 * (1.0 / 181440 + a2 * (-1.0 / 9676800))))
+    return torch.where(a < CB_TAYLOR, series, closed)
+
+
+def cb_log_normalizer(logits: torch.Tensor) -> torch.Tensor:
+    """log C(lambda) of the continuous Bernoulli (Loaiza-Ganem & Cunningham 2019), lambda =
+    sigmoid(logits), elementwise (same shape as ``logits``).
+
+    C(lambda) = 2 artanh(1 - 2 lambda) / (1 - 2 lambda) (and 2 at lambda = 1/2). With
+    1 - 2 lambda = -tanh(l/2) and artanh(1 - 2 lambda) = -l/2 this is l coth(l/2), even
+    in l, so with a = |l|
+
+        log C = log1p(e^-a) - log((1 - e^-a) / a)      (a >= ``CB_TAYLOR``)
+              = log 2 + a^2/12 - 7 a^4/1440 + 31 a^6/90720 - 127 a^8/4838400   (below)
+
+    finite and accurate for any finite logit: log C ~ log a for large a, with nothing of
+    size a cancelling (log C(1e4) = log 1e4 to float32's precision in float32).
+    """
+    a = logits.abs()
+    safe = a.clamp_min(CB_TAYLOR)  # the closed form never sees a small a (no NaN gradient either)
+    closed = torch.log1p(torch.exp(-safe)) - torch.log(-torch.expm1(-safe) / safe)
+    a2 = a * a
+    series = math.log(2.0) + a2 * (1.0 / 12 + a2 * (-7.0 / 1440 + a2 * (31.0 / 90720 + a2 * (-127.0 / 4838400))))
+    return torch.where(a < CB_TAYLOR, series, closed)
+
+
+class ContinuousBernoulliLogits(dist.TorchDistribution):
+    """The continuous Bernoulli (Loaiza-Ganem & Cunningham 2019) on [0, 1], elementwise,
+    parameterized by logits l = log(lambda / (1 - lambda)); batch shape = logits' shape.
+
+    p(x | lambda) = C(lambda) lambda^x (1 - lambda)^(1 - x). Since x l - softplus(l) =
+    x log lambda + (1 - x) log(1 - lambda) and softplus(l) + log C(lambda) = l/2 + h(|l|)
+    with h(a) = log(sinh(a/2) / (a/2)) (``cb_log_normalizer``),
+
+        log p(x | l) = (x - 1/2) l - h(|l|):
+
+    one product with the observation and one even function of the logits, finite for
+    every finite logit. With logits (K, B, D) and x (B, D) (vectorized particles) x is
+    broadcast in that one product only: about 3 times faster than torch's
+    ``ContinuousBernoulli`` (measured 90-97 against 250-340 ms on 53 x 100 x 784 values,
+    one thread), which also clamps lambda to [eps, 1 - eps]: its log density is off by
+    3e-5 nats at |l| = 30 in float64, by 0.004 at |l| = 16 and 0.23 at 20 in float32.
+
+    Mean: E[x] = 1 / (1 - e^-l) - 1 / l (its series 1/2 + l/12 - l^3/720 + l^5/30240 -
+    l^7/1209600 for |l| < ``CB_TAYLOR``); the variance is dE[x]/dl (an exponential family
+    in l). Draws by the inverse CDF, x = log1p(u (e^l - 1)) / l for u ~ U(0, 1), written
+    for l < 0 and mirrored (x(l, u) = 1 - x(-l, 1 - u)) for l > 0, so nothing overflows;
+    they are reparameterized (``rsample``).
+    """
+
+    arg_constraints = {"logits": constraints.real}
+    support = constraints.unit_interval
+    has_rsample = True
+
+    def __init__(self, logits: torch.Tensor, validate_args=None):
+        self.logits = logits
+        super().__init__(logits.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(ContinuousBernoulliLogits, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.logits = self.logits.expand(batch_shape)
+        super(ContinuousBernoulliLogits, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def mean(self) -> torch.Tensor:
+        l = self.logits
+        safe = torch.where(l.abs() < CB_TAYLOR, torch.full_like(l, CB_TAYLOR), l)
+        closed = -1.0 / torch.expm1(-safe) - 1.0 / safe
+        l2 = l * l
+        series = 0.5 + l * (1.0 / 12 + l2 * (-1.0 / 720 + l2 * (1.0 / 30240 + l2 * (-1.0 / 1209600))))
+        return torch.where(l.abs() < CB_TAYLOR, series, closed)
+
+    def log_normalizer(self) -> torch.Tensor:
+        """log C(lambda), batch shape."""
+        return cb_log_normalizer(self.logits)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        l = self.logits
+        lp = (value - 0.5) * l - _log_sinhc_half(l.abs())  # broadcast shape of value and logits
+        return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
+
+    def icdf(self, u: torch.Tensor) -> torch.Tensor:
+        """The quantile function at u in [0, 1] (broadcast with the batch shape)."""
+        l = self.logits
+        neg = l < 0
+        a = l.abs().clamp_min(1e-30)  # at l = 0 exactly the limit is x = u (below)
+        v = torch.where(neg, u, 1.0 - u)  # the mirrored draw for l > 0
+        y = torch.log1p(v * torch.expm1(-a)) / (-a)  # the quantile at -a: in [0, 1]
+        x = torch.where(neg, y, 1.0 - y)
+        return torch.where(l == 0, u.expand_as(x), x)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        u = torch.rand(shape, dtype=self.logits.dtype, device=self.logits.device)
+        return self.icdf(u).clamp(0.0, 1.0)
+
+
+class SharedScaleNormal(dist.TorchDistribution):
+    """N(loc, diag(scale^2)) over the last dimension of ``loc`` (..., D), with one
+    ``scale`` for every batch member: a scalar () (isotropic, scale^2 I) or one per
+    feature (D,). Batch shape loc.shape[:-1], event shape (D,).
+
+        log p(x) = -1/2 sum_d ((x_d - loc_d) / scale_d)^2 - sum_d log scale_d - D/2 log(2 pi)
+
+    The log-determinant term is computed once from the (D,) or () scale and not over the
+    batch: with loc (K, B, D) and x (B, D) (vectorized particles) the log density makes
+    one pass of three elementwise operations and a sum over the broadcast shape, about
+    2.3 times faster than ``Normal(loc, scale).to_event(1)`` (measured 20 against 47 ms
+    on 53 x 100 x 784 values, one thread, scale () or (D,)).
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args=None):
+        if loc.dim() < 1 or scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] != loc.shape[-1]):
+            raise ValueError(f"expected loc (..., D) and scale () or (D,); got {tuple(loc.shape)}, "
+                             f"{tuple(scale.shape)}")
+        self.loc, self.scale = loc, scale
+        super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(SharedScaleNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape + self.event_shape)
+        new.scale = self.scale
+        super(SharedScaleNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.scale.pow(2).expand(self.loc.shape)
+
+    def half_log_det(self) -> torch.Tensor:
+        """(1/2) log det diag(scale^2) = sum_d log scale_d: ()."""
+        D = self.event_shape[0]
+        return self.scale.log().sum() if self.scale.dim() else D * self.scale.log()
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        D = self.event_shape[0]
+        quad = ((value - self.loc) / self.scale).square().sum(-1)  # broadcast batch shape
+        lp = -0.5 * quad - self.half_log_det() - 0.5 * D * math.log(2 * math.pi)
+        return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + eps * self.scale
 
 
 DATA_PLATE = "data"

@@ -11,7 +11,8 @@ Everything else is optional and declared by a protocol of its own, checked with
 ``isinstance``: a closed-form log-likelihood (:class:`ExactLikelihood`), closed-form
 ELBOs (:class:`ExactELBO`), exact posterior draws (:class:`ExactPosterior`), the exact
 numbers a fit reports (:class:`ClosedForms`), derived posterior quantities
-(:class:`DerivedQuantities`), and a decoder for pictures (:class:`Generative`). What
+(:class:`DerivedQuantities`), a decoder for pictures (:class:`Generative`), and
+starting values taken from the training rows (:class:`InitializesFromData`). What
 is not declared is not used; nothing is guessed.
 
 Structure that Pyro already states is read from traces, not declared: which latent
@@ -89,6 +90,14 @@ class Generative(Protocol):
 
     def sample_prior(self, n: int) -> torch.Tensor:
         """n draws z ~ p(z), (n, k)."""
+
+
+@runtime_checkable
+class InitializesFromData(Protocol):
+    def initialize_from_data(self, x: torch.Tensor) -> None:
+        """Set data-dependent starting values (e.g. an output bias at the data's mean, a
+        noise scale at its spread) from the training rows x (N, D), in place. Called
+        once before a fresh fit, never on a resumed one (the values are in the state)."""
 
 
 def missing(obj, protocol: type) -> list[str]:

@@ -62,6 +62,8 @@ CASES = [
     ("vae", {"latent_dim": 3, "hidden": [16]}),
     ("vae", {"latent_dim": 3, "hidden": [16], "guide": "per-datapoint"}),
     ("gmvae", {"latent_dim": 3, "hidden": [16], "n_components": 4}),  # mixture prior: Monte Carlo KL
+    ("vae", {"latent_dim": 3, "hidden": [16], "likelihood": "gaussian-diag"}),  # SharedScaleNormal
+    ("vae", {"latent_dim": 3, "hidden": [], "likelihood": "continuous-bernoulli"}),  # linear, CB
     ("ppca", {"latent_dim": 3, "guide": "amortized-full"}),  # MVN guide, Normal prior: Monte Carlo KL
     ("ppca", {"latent_dim": 3, "guide": "per-datapoint"}),
     ("gaussian", {"guide": "mean-field"}),  # global latents only
@@ -69,7 +71,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,config", CASES, ids=[f"{n}-{c.get('guide', 'default')}" for n, c in CASES])
+@pytest.mark.parametrize("name,config", CASES, ids=["-".join([n, c.get("guide", "default")] + (
+    [c["likelihood"]] if "likelihood" in c else [])) for n, c in CASES])
 @pytest.mark.parametrize("objective", ["elbo", "elbo-analytic"])
 def test_lean_elbo_equals_pyros(digits, name, config, objective):
     x = digits.train[IDX] if name != "gaussian" else digits.train[IDX, :3] * 4.0

@@ -42,7 +42,8 @@ def test_configs_and_defaults():
     assert (vae.latent_dim, vae.hidden, vae.activation) == (10, (300, 300), "elu")  # the CS236 protocol
     assert models.make_config("gmvae").n_components == 500
     assert models.make_config("gmvae", {"hidden": [200, 200]}).hidden == (200, 200)  # JSON lists -> tuples
-    for bad, msg in [({"latent_dim": 0}, "latent_dim"), ({"hidden": []}, "hidden"),
+    assert models.make_config("vae", {"hidden": []}).hidden == ()  # no hidden layer: affine encoder and decoder
+    for bad, msg in [({"latent_dim": 0}, "latent_dim"), ({"hidden": [64, 0]}, "hidden"),
                      ({"activation": "gelu"}, "activation"), ({"guide": "amortized-full"}, "guide")]:
         with pytest.raises(ConfigError, match=msg):
             models.make_config("vae", bad)
