@@ -214,7 +214,12 @@ class LogWeights:
 
 
 def detach_distribution(fn):
-    """The same distribution with its parameters detached (for DReG's log q)."""
+    """The same distribution with its parameters detached (for DReG's log q): a Normal or
+    MultivariateNormal (or Independent of one), or any distribution that gives itself so
+    (``with_detached_parameters()``, e.g. a flow's)."""
+    detached = getattr(fn, "with_detached_parameters", None)
+    if callable(detached):
+        return detached()
     if isinstance(fn, (dist.Independent, torch.distributions.Independent)):
         return dist.Independent(detach_distribution(fn.base_dist), fn.reinterpreted_batch_ndims)
     if isinstance(fn, torch.distributions.Normal):
