@@ -70,8 +70,8 @@ from pyro import poutine
 
 from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import Estimate
-from elbolab.inference.traces import (batch, check_new_rows, guide_posterior, in_plate, is_latent, is_scored,
-                                      logmeanexp, particles, per_row)
+from elbolab.inference.traces import (batch, check_new_rows, guide_posterior, is_scored, local_site, logmeanexp,
+                                      particles, per_row)
 
 MAX_ELEMENTS = 2**21  # chains x rows x data_dim decoder outputs per chunk of rows (with gradients: a few copies live)
 SCHEDULES = ("sigmoid", "linear")
@@ -108,21 +108,10 @@ def schedule(kind: str | Sequence[float] | torch.Tensor, steps: int, delta: floa
 
 
 def model_latent(model, x: torch.Tensor) -> str:
-    """The name of the model's one latent site, from one trace of ``model.model`` on the rows
-    x: it must be the only unobserved site, inside the data plate, with one event
-    dimension (UsageError otherwise)."""
-    with poutine.block(), torch.no_grad(), torch.random.fork_rng(), batch(model, x[:1]):
-        tr = poutine.trace(model.model).get_trace(x[:1])
-    latent = [s for s in tr.nodes.values() if is_latent(s)]
-    name = type(model).__name__
-    if len(latent) != 1:
-        raise UsageError(f"{name}'s model samples {', '.join(s['name'] for s in latent) or 'no latent'}; AIS needs "
-                         "exactly one local latent site")
-    site = latent[0]
-    if not in_plate(site, model.data_plate) or len(site["fn"].event_shape) != 1:
-        raise UsageError(f"{name}'s latent {site['name']!r} must sit in plate({model.data_plate!r}) with one event "
-                         "dimension for AIS")
-    return site["name"]
+    """The name of the model's one latent site, from one trace of ``model.model`` on the
+    first row of x: it must be the only unobserved site, inside the data plate, with one
+    event dimension (UsageError otherwise)."""
+    return local_site(model, x[:1], program="model")["name"]
 
 
 @dataclass

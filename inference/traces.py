@@ -321,19 +321,21 @@ def latent_names(model, x: torch.Tensor, rows: torch.Tensor | None = None) -> tu
     return local, glob
 
 
-def local_site(model, x: torch.Tensor, rows: torch.Tensor | None = None, grad: bool = False):
+def local_site(model, x: torch.Tensor, rows: torch.Tensor | None = None, grad: bool = False,
+               program: str = "guide"):
     """The guide's one local latent site on the rows x (its ``fn`` is q(z | x), batch (B,),
     one event dimension). UsageError unless the guide samples exactly one latent, in
-    the data plate, with one event dimension."""
+    the data plate, with one event dimension. ``program="model"``: the same of the
+    model's latent (its ``fn`` the prior)."""
     ctx = contextlib.nullcontext() if grad else torch.no_grad()
     # hidden from any enclosing trace (a guide may ask for another guide's q while traced)
     with poutine.block(), ctx, torch.random.fork_rng(), batch(model, x, rows):
-        tr = poutine.trace(model.guide).get_trace(x)
+        tr = poutine.trace(getattr(model, program)).get_trace(x)
     latent = [s for s in tr.nodes.values() if is_latent(s)]
     name = type(model).__name__
     if len(latent) != 1:
-        raise UsageError(f"{name}'s guide samples {', '.join(s['name'] for s in latent) or 'nothing'}; this needs "
-                         "exactly one local latent site")
+        raise UsageError(f"{name}'s {program} samples {', '.join(s['name'] for s in latent) or 'nothing'}; this "
+                         "needs exactly one local latent site")
     site = latent[0]
     if not in_plate(site, model.data_plate) or len(site["fn"].event_shape) != 1:
         raise UsageError(f"{name}'s latent {site['name']!r} must sit in plate({model.data_plate!r}) with one "

@@ -17,9 +17,8 @@ from elbolab.inference.ais import (ais_log_likelihood, bdmc, log_mean_exp_se, mo
 from elbolab.inference.diagnostics import ParetoK
 from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import Estimate, importance_estimates
-from elbolab.inference.train import fit
-from elbolab.inference.train_config import TrainConfig
 from elbolab.models import datasources, ppca
+from test_guides import digits_vae  # noqa: F401  (a fixture: a small VAE trained on the digits)
 
 F64 = torch.float64
 
@@ -223,18 +222,6 @@ def test_one_step_reverse_is_the_posterior_expectation_of_the_log_weight():
 
 
 # ----------------------------------------------------------------------------- a trained VAE
-
-
-@pytest.fixture(scope="module")
-def digits_vae():
-    torch.set_num_threads(1)
-    data = datasources.load_dataset("digits", binarize="threshold")
-    torch.manual_seed(0)
-    m = models.build_model("vae", {"latent_dim": 4, "hidden": [64], "activation": "elu"}, data.data_dim,
-                           data.n_train)
-    fit(m, data, TrainConfig(epochs=20, lr=3e-3, batch_size=100, progress=False, threads=1))
-    m.eval()
-    return m, data
 
 
 def test_bdmc_brackets_importance_sampling_on_a_trained_vae(digits_vae):
