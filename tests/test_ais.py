@@ -145,8 +145,8 @@ def near_exact_guide():
     m, x = digits_ppca()
     m.set_guide_optimal()
     with torch.no_grad():
-        sd = torch.diagonal(m.encoder.scale_tril).clone()
-        m.encoder.linear.bias.add_(0.2 * sd)
+        scale = torch.diagonal(m.encoder.scale_tril).clone()
+        m.encoder.linear.bias.add_(0.2 * scale)
         m.encoder.scale_tril = m.encoder.scale_tril * 1.2
     return m, x
 

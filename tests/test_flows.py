@@ -95,14 +95,14 @@ def test_flow_density_integrates_to_one(family):
 
 def check_normalized(q):
     draws = q.rsample((2000,))  # where q lives
-    center, spread = draws.mean(0), draws.std(0)  # (3, 2)
-    r = torch.distributions.Independent(torch.distributions.Normal(center, 3 * spread), 1)
+    loc, scale = draws.mean(0), draws.std(0)  # (3, 2)
+    r = torch.distributions.Independent(torch.distributions.Normal(loc, 3 * scale), 1)
     torch.manual_seed(1)
     z = r.sample((200_000,))
     ratio = (q.log_prob(z) - r.log_prob(z)).exp()  # (S, 3)
     mean, se = ratio.mean(0), ratio.std(0) / math.sqrt(z.shape[0])
     assert bool(((mean - 1).abs() < 3 * se).all()), (mean, se)  # 3 standard errors
-    assert float(se.max()) < 0.02  # power: a density off by 5% would fail
+    assert float(se.max()) < 0.01  # power: a density off by 5% would fail (measured se 0.004-0.007)
     torch.testing.assert_close(q.log_prob(draws.clone()), q.log_prob(draws), rtol=0, atol=1e-8)  # float64
 
 
@@ -130,7 +130,7 @@ def test_local_elbo_of_a_flow_uses_the_monte_carlo_entropy():
     mc = local_elbo(m, x, q, 4000).detach()
     exact = m.exact_elbo(x)
     d = Estimate.of(mc - exact)
-    assert abs(d.mean) < 3 * d.se + 1e-3 and d.se < 0.02  # 3 standard errors over rows; the check has power
+    assert abs(d.mean) < 3 * d.se and d.se < 0.02  # 3 standard errors over rows; the check has power
 
 
 # ----------------------------------------------------------------------------- the amortized guide with objectives
