@@ -66,7 +66,8 @@ def local_elbo(model, x: torch.Tensor, q: dist.Distribution, n_particles: int = 
     """Each row's ELBO under q(z_i), E_q[log p(x_i, z)] + H[q_i], (B,): ``n_particles``
     reparameterized draws z ~ q (P, B, k) of the latent ``site`` replayed through
     ``model.model`` (x a set of its own, so no scaling) and the entropy of q in closed
-    form. Differentiable in q's parameters (and the model's). Its sites stay hidden from
+    form, or, where q has none (a flow), -(1/P) sum_p log q(z_p) from the same draws.
+    Differentiable in q's parameters (and the model's). Its sites stay hidden from
     any enclosing trace, so a guide may call it while an objective traces the guide."""
     z = q.rsample((n_particles,))  # (P, B, k)
     P, B = int(n_particles), int(x.shape[0])
@@ -80,7 +81,11 @@ def local_elbo(model, x: torch.Tensor, q: dist.Distribution, n_particles: int = 
             raise UsageError(f"the model samples {s['name']!r} besides {site!r}: a local ELBO needs every "
                              "latent of the model in the guide")
         log_p = log_p + per_row(s, P, B, model.data_plate)
-    return log_p.mean(0) + q.entropy()  # (B,)
+    try:
+        entropy = q.entropy()  # (B,)
+    except NotImplementedError:  # e.g. a flow: the Monte Carlo estimate -mean_p log q(z_p) from the same draws
+        entropy = -q.log_prob(z).mean(0)
+    return log_p.mean(0) + entropy  # (B,)
 
 
 def loc_and_scale(q: dist.Distribution, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,9 +279,10 @@ class SemiAmortizedGuide(LocalGuide):
 @dataclass
 class LocalFit:
     """The result of :func:`optimize_local`: ``model`` is the q* guide (a
-    :class:`PerDatapointGuide` over the rows of x, a set of their own) on the fixed model."""
+    :class:`PerDatapointGuide` over the rows of x, a set of their own, or another family's
+    per-row table, e.g. a flow's) on the fixed model."""
 
-    model: PerDatapointGuide
+    model: LocalGuide
     steps: int  # steps of the run (the last row's)
     row_steps: torch.Tensor  # (N,) the step at which each row stopped
     converged: float  # share of rows that met the stopping rule (the others stopped at max_steps)
@@ -289,7 +295,8 @@ class LocalFit:
         n = self.model.n_rows
         return {"steps": self.steps, "row_steps_mean": float(self.row_steps.double().mean()),
                 "row_steps_max": int(self.row_steps.max()), "converged": self.converged, "seconds": self.seconds,
-                "seconds_per_row": self.seconds / max(1, n), "n_rows": n, "full": self.model.full, **self.settings}
+                "seconds_per_row": self.seconds / max(1, n), "n_rows": n,
+                "full": self.model.full if isinstance(self.model, PerDatapointGuide) else None, **self.settings}
 
 
 def materialize(model, x: torch.Tensor, rows: torch.Tensor | None = None, full: bool | None = None,
@@ -370,6 +377,31 @@ def optimize_local(model, x: torch.Tensor, rows: torch.Tensor | None = None, *,
         raise UsageError(f"local optimization init must be 'guide', 'standard' or a table, got {init!r}")
     if start is not None and start.n_rows != int(x.shape[0]):
         raise ValueError(f"the starting table has {start.n_rows} rows; x has {x.shape[0]}")
+    check_local_settings(int(x.shape[0]), n_particles, lr, decay, window, patience, max_steps)
+    n = int(x.shape[0])
+    settings = {"init": "table" if start is not None else init, "lr": lr, "decay": decay, "n_particles": int(n_particles),
+                "window": int(window), "patience": int(patience), "max_steps": int(max_steps)}
+    t0 = time.perf_counter()
+    if start is not None:
+        q_star = PerDatapointGuide(model, full=start.full, n_rows=n)
+        q_star.table.load_state_dict(start.table.state_dict())  # a copy of its rows
+    elif init == "guide":
+        q_star = materialize(model, x, rows, full)
+    else:
+        q_star = PerDatapointGuide(model, full=bool(full), n_rows=n)
+        k = q_star.latent_dim
+        loc = x.new_zeros(n, k)
+        q_star.initialize(loc, torch.eye(k, dtype=x.dtype).expand(n, k, k) if q_star.full else loc + 1.0)
+    # the unconstrained table: loc and scale (or scale_tril)
+    return fit_rows(q_star, x, list(q_star.table.parameters()), n_particles=n_particles, lr=lr, decay=decay,
+                    window=window, patience=patience, max_steps=max_steps, seed=seed, max_elements=max_elements,
+                    settings=settings, started=t0)
+
+
+def check_local_settings(n_rows, n_particles, lr, decay, window, patience, max_steps) -> None:
+    """UsageError unless the settings of a local optimization (:func:`fit_rows`) are usable."""
+    if n_rows == 0:
+        raise UsageError("local optimization needs at least one row")
     for name, v in (("n_particles", n_particles), ("window", window), ("patience", patience),
                     ("max_steps", max_steps)):
         if int(v) != v or v < (0 if name == "patience" else 1):
@@ -378,25 +410,22 @@ def optimize_local(model, x: torch.Tensor, rows: torch.Tensor | None = None, *,
         raise UsageError(f"local optimization lr must be a positive number, got {lr}")
     if not 0 < decay <= 1:
         raise UsageError(f"local optimization decay must be in (0, 1], got {decay}")
+
+
+def fit_rows(q_star: LocalGuide, x: torch.Tensor, params: list[torch.Tensor], *, n_particles: int, lr: float,
+             decay: float, window: int, patience: int, max_steps: int, seed: int, max_elements: int = MAX_ELEMENTS,
+             settings: dict | None = None, started: float | None = None) -> LocalFit:
+    """The loop of :func:`optimize_local` for any per-row guide: ``q_star`` a guide over
+    the rows of x (N, D), a set of their own, whose ``params`` (the only tensors moved)
+    each have the row as their first dimension (N, ...). Adam with a rate per row on the
+    summed negative ELBO of the rows still running, stopped row by row (see
+    :func:`optimize_local`). ``started``: the clock at which the caller began (for
+    ``LocalFit.seconds``). The caller's random-number stream is left as it was."""
     n = int(x.shape[0])
-    if n == 0:
-        raise UsageError("local optimization needs at least one row")
-    settings = {"init": "table" if start is not None else init, "lr": lr, "decay": decay, "n_particles": int(n_particles),
-                "window": int(window), "patience": int(patience), "max_steps": int(max_steps)}
-    t0 = time.perf_counter()
+    check_local_settings(n, n_particles, lr, decay, window, patience, max_steps)
+    t0 = time.perf_counter() if started is None else started
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        if start is not None:
-            q_star = PerDatapointGuide(model, full=start.full, n_rows=n)
-            q_star.table.load_state_dict(start.table.state_dict())  # a copy of its rows
-        elif init == "guide":
-            q_star = materialize(model, x, rows, full)
-        else:
-            q_star = PerDatapointGuide(model, full=bool(full), n_rows=n)
-            k = q_star.latent_dim
-            loc = x.new_zeros(n, k)
-            q_star.initialize(loc, torch.eye(k, dtype=x.dtype).expand(n, k, k) if q_star.full else loc + 1.0)
-        params = list(q_star.table.parameters())  # the unconstrained table: loc and scale (or scale_tril)
         rates = torch.full((n,), float(lr), dtype=torch.float64)
         opt = RowAdam(params, rates)
         chunk = max(1, min(n, max_elements // max(1, int(n_particles) * int(x[0].numel()))))
@@ -433,4 +462,4 @@ def optimize_local(model, x: torch.Tensor, rows: torch.Tensor | None = None, *,
     for p in params:
         p.grad = None
     return LocalFit(q_star, step, row_steps, float((failed > patience).double().mean()),
-                    time.perf_counter() - t0, history, settings)
+                    time.perf_counter() - t0, history, dict(settings or {}))

@@ -231,7 +231,12 @@ class LogWeights:
 
 
 def detach_distribution(fn):
-    """The same distribution with its parameters detached (for DReG's log q)."""
+    """The same distribution with its parameters detached (for DReG's log q): a Normal or
+    MultivariateNormal (or Independent of one), or any distribution that gives itself so
+    (``with_detached_parameters()``, e.g. a flow's)."""
+    detached = getattr(fn, "with_detached_parameters", None)
+    if callable(detached):
+        return detached()
     if isinstance(fn, (dist.Independent, torch.distributions.Independent)):
         return dist.Independent(detach_distribution(fn.base_dist), fn.reinterpreted_batch_ndims)
     if isinstance(fn, torch.distributions.Normal):
@@ -340,21 +345,24 @@ def latent_names(model, x: torch.Tensor, rows: torch.Tensor | None = None) -> tu
     return local, glob
 
 
-def local_site(model, x: torch.Tensor, rows: torch.Tensor | None = None, grad: bool = False):
+def local_site(model, x: torch.Tensor, rows: torch.Tensor | None = None, grad: bool = False,
+               program: str = "guide"):
     """The guide's one local latent site on the rows x (its ``fn`` is q(z | x), batch (B,),
     one event dimension). UsageError unless the guide samples exactly one latent (auxiliary
     sites aside), in the data plate, with one event dimension. An automatic guide that
     samples it as a ``Delta`` at the value of a Gaussian auxiliary site (``AutoNormal`` on a
-    real-valued latent: the identity transform) gives that Gaussian, under the latent's name."""
+    real-valued latent: the identity transform) gives that Gaussian, under the latent's name.
+    ``program="model"``: the same of the model's latent (its ``fn`` the prior)."""
     ctx = contextlib.nullcontext() if grad else torch.no_grad()
+    fn = {"guide": model.guide, "model": model.model}[program]
     # hidden from any enclosing trace (a guide may ask for another guide's q while traced)
     with poutine.block(), ctx, torch.random.fork_rng(), batch(model, x, rows):
-        tr = poutine.trace(model.guide).get_trace(x)
+        tr = poutine.trace(fn).get_trace(x)
     latent = [s for s in tr.nodes.values() if is_latent(s) and not s["infer"].get("is_auxiliary", False)]
     name = type(model).__name__
     if len(latent) != 1:
-        raise UsageError(f"{name}'s guide samples {', '.join(s['name'] for s in latent) or 'nothing'}; this needs "
-                         "exactly one local latent site")
+        raise UsageError(f"{name}'s {program} samples {', '.join(s['name'] for s in latent) or 'nothing'}; this "
+                         "needs exactly one local latent site")
     site = latent[0]
     fn = site["fn"]
     base = fn.base_dist if isinstance(fn, torch.distributions.Independent) else fn
