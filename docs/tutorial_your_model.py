@@ -47,8 +47,9 @@ def regression(X, y):
 
 guide = AutoMultivariateNormal(regression)
 run = elbolab.fit(regression, guide, X, y, batch_size=50, steps=3000, lr=0.05, lr_final=5e-4, progress=False)
-print(f"regression: train ELBO {run.metrics['train_elbo']['mean']:.3f} ± {run.metrics['train_elbo']['se']:.3f} "
-      "nats per datapoint")
+elbo = run.metrics["quantities"]["train_elbo"]  # every number: value, se, method, bound, ...
+print(f"regression: train ELBO {elbo['value']:.3f} ± {elbo['se']:.3f} nats per datapoint; "
+      f"{run.metrics['run']['convergence']['verdict']}")
 
 # After the fit the guide holds the posterior, as after SVI.step; compare it with the
 # conjugate posterior N(S X^T y / noise^2, S), S = (prior precision + X^T X / noise^2)^-1.
@@ -65,7 +66,7 @@ print("posterior sd, q / exact:", [round(v, 2) for v in (q.covariance_matrix.dia
 # log (1/S) sum_s p(y_i | w_s, b_s) with (w_s, b_s) ~ q.
 held_out = run.evaluate(X_test, y_test, num_samples=1000)
 lp = held_out["log_predictive"]
-print(f"held-out log predictive density: {lp['mean']:.3f} ± {lp['se']:.3f} nats per row")
+print(f"held-out log predictive density: {lp['value']:.3f} ± {lp['se']:.3f} nats per row")
 REGRESSION = {"q_loc": q.loc.detach().double(), "exact_mean": exact_mean, "exact_cov": S,
               "q_cov": q.covariance_matrix.detach().double(), "held_out": lp}
 
@@ -99,14 +100,14 @@ class TinyVAE(pyro.nn.PyroModule):
 
 vae = TinyVAE(digits.data_dim)
 run = elbolab.fit(vae.model, vae.guide, digits.train, batch_size=100, steps=1500, lr=3e-3, progress=False)
-print(f"VAE: train ELBO {run.metrics['train_elbo']['mean']:.2f} nats per image")
+print(f"VAE: train ELBO {run.metrics['quantities']['train_elbo']['value']:.2f} nats per image")
 
 # Held-out images: importance-sampled log-likelihood, K = 500 draws per image; Pareto k
 # says whether each image's weights have a tail the estimate can be trusted with.
 ev = run.evaluate(digits.test, num_samples=500)
 ll = ev["log_likelihood"]
-print(f"test log-likelihood {ll['mean']:.2f} ± {ll['se']:.2f} nats per image; "
-      f"{100 * ll['pareto_k']['share_above_0.7']:.1f}% of images with k > 0.7 "
+print(f"test log-likelihood {ll['value']:.2f} ± {ll['se']:.2f} nats per image; "
+      f"{100 * ll['pareto_k_share']:.1f}% of images with k > 0.7 "
       f"({'reliable' if ll['reliable'] else 'UNRELIABLE'})")
 
 # An ArviZ InferenceData of the guide on 20 test images: posterior draws of z (dims

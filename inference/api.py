@@ -34,18 +34,16 @@ from elbolab.inference.diagnostics import ParetoK
 from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import Estimate, importance_estimates, test_log_likelihood
 from elbolab.inference.files import save_json
+from elbolab.inference.metrics import UNITS, from_estimate
 from elbolab.inference.runs import (ARGUMENTS, CONFIG, FROM_PYTHON, METRICS, PYTHON, DataSpec, EvalSpec, RunDir,
                                     RunSpec, evaluate_run, read_run)
 from elbolab.inference.train import FitResult, fit as train_fit
 from elbolab.inference.train_config import TrainConfig
 from elbolab.inference.usermodel import UserModel
 from elbolab.models.datasources import DataSplits
-from elbolab.models.protocol import Model
+from elbolab import models
+from elbolab.models.protocol import InitializesFromData, Model
 
-DEFAULT_STEPS = 2000  # optimizer steps when neither steps nor epochs is given
-DEFAULT_LR = 0.01
-FULL_BATCH_ROWS = 10_000  # data sets up to this size are fit full-batch by default
-DEFAULT_BATCH = 500
 
 
 def _workbench_model(model, guide, args, kwargs, plate: str):
@@ -68,7 +66,7 @@ def _workbench_model(model, guide, args, kwargs, plate: str):
 
 
 def fit(model, guide=None, *args, objective: str = "elbo", num_particles: int = 1, steps: int | None = None,
-        epochs: int | None = None, lr: float = DEFAULT_LR, lr_final: float | None = None,
+        epochs: int | None = None, lr: float | None = None, lr_final: float | None = None,
         batch_size: int | None = None, seed: int = 0, alpha: float | None = None, plate: str = traces.DATA_PLATE,
         out: str | None = None, overwrite: bool = False, progress: bool | None = None, threads: int | None = None,
         num_samples: int = 1000, **kwargs) -> "Run":
@@ -76,9 +74,10 @@ def fit(model, guide=None, *args, objective: str = "elbo", num_particles: int = 
 
     ``objective``: "elbo" (Pyro's Trace_ELBO), "elbo-analytic", "iwae", "iwae-dreg" or
     "renyi" (``alpha``), with ``num_particles`` vectorized draws per row. ``steps``
-    optimizer steps (or ``epochs`` passes; default {steps} steps) of Adam at ``lr``,
-    decaying exponentially to ``lr_final`` (default lr / 10); ``batch_size`` rows per step
-    (default: all rows up to {full} rows, else {batch}). ``plate``: the name of the plate over
+    optimizer steps (or ``epochs`` passes) of Adam at ``lr``, decaying exponentially to
+    ``lr_final``, ``batch_size`` rows per step: each defaults to what converges for the
+    model (``elbolab.models.train_defaults``: for a user's model 2000 steps at 0.01
+    decaying to 0.001, full batch up to 10,000 rows). ``plate``: the name of the plate over
     the data's rows. ``out``: also write a run directory there (refused if it holds
     files, unless ``overwrite``). ``num_samples``: importance samples per row for the
     held-out log-likelihood of built-in models with a test split. The remaining keyword
@@ -86,14 +85,20 @@ def fit(model, guide=None, *args, objective: str = "elbo", num_particles: int = 
     """
     wm, rows, saved = _workbench_model(model, guide, args, kwargs, plate)
     n = int(rows.shape[0])
-    if batch_size is None:
-        batch_size = n if n <= FULL_BATCH_ROWS else DEFAULT_BATCH
-    if steps is None and epochs is None:
-        steps = DEFAULT_STEPS
-    config = TrainConfig(objective=objective, n_particles=num_particles, alpha=alpha, lr=lr,
-                         lr_final=lr / 10 if lr_final is None else lr_final, batch_size=min(batch_size, n),
-                         epochs=epochs if steps is None else None, steps=steps, seed=seed, progress=progress,
-                         threads=threads)
+    family = next((name for name, (_, cls) in models.REGISTRY.items() if type(wm) is cls), None)
+    given = {k: v for k, v in (("lr", lr), ("lr_final", lr_final), ("batch_size", batch_size), ("steps", steps),
+                               ("epochs", epochs)) if v is not None}
+    if "steps" in given or "epochs" in given:  # a budget given: the other budget field is not the default's
+        given.setdefault("steps", None)
+        given.setdefault("epochs", None)
+    if "lr" in given and "lr_final" not in given:
+        given["lr_final"] = None
+    settings = {**models.train_defaults(family, n), **given}
+    settings["batch_size"] = min(settings["batch_size"], n)
+    config = TrainConfig(objective=objective, n_particles=num_particles, alpha=alpha, seed=seed, progress=progress,
+                         threads=threads, **settings)
+    if isinstance(wm, InitializesFromData):
+        wm.initialize_from_data(rows)
     empty = rows[:0]
     data = DataSplits("data", rows, empty, empty, source="arguments")
     spec = RunSpec(PYTHON, {"plate": plate}, config, DataSpec(FROM_PYTHON), EvalSpec(n_samples=num_samples)) \
@@ -107,10 +112,6 @@ def fit(model, guide=None, *args, objective: str = "elbo", num_particles: int = 
     if run_dir is not None:
         run.save(out, overwrite=overwrite)
     return run
-
-
-FIT_DOC_DEFAULTS = {"steps": DEFAULT_STEPS, "full": FULL_BATCH_ROWS, "batch": DEFAULT_BATCH}
-fit.__doc__ = fit.__doc__.format(**FIT_DOC_DEFAULTS)
 
 
 @dataclass
@@ -169,11 +170,15 @@ class Run:
             x, rows = self.data.train, torch.arange(self.data.n_train)
         local, glob = traces.latent_names(self.model, self.data.train[:2], torch.arange(min(2, self.data.n_train)))
         if glob and not local:
-            return {"log_predictive": log_predictive(self.model, self.data.train, x, num_samples, seed).to_dict(),
-                    "n_samples": num_samples, "units": "nats per datapoint"}
-        est = test_log_likelihood(self.model, x, num_samples, seed, rows)
-        return {"log_likelihood": {**est["log_likelihood"].to_dict(), "n_samples": num_samples},
-                "elbo": est["elbo"].to_dict(), "units": "nats per datapoint"}
+            lp = log_predictive(self.model, self.data.train, x, num_samples, seed)
+            return {"log_predictive": from_estimate(lp, method="monte-carlo", K=num_samples, bound="lower"),
+                    "units": UNITS}
+        pareto = ParetoK()
+        est = test_log_likelihood(self.model, x, num_samples, seed, rows, pareto=pareto)
+        return {"log_likelihood": from_estimate(est["log_likelihood"], method="importance", K=num_samples,
+                                                bound="lower"),
+                "elbo": from_estimate(est["elbo"], method="importance", K=num_samples, bound="lower"),
+                "pareto_k": pareto.summary(), "units": UNITS}
 
     def diagnose(self, *args, draws: int = 200, chains: int = 2, seed: int = 0, **kwargs):
         """An ``arviz.InferenceData`` of the guide (its draws, pointwise log-likelihoods,

@@ -79,14 +79,16 @@ def history_from_tensor(t: torch.Tensor) -> list[dict]:
 
 
 def write_history(rows: list[dict], validations: list[dict], path: str) -> None:
-    """history.csv: one row per step (loss in nats per datapoint), val columns where measured."""
+    """history.csv: one row per step, nats per datapoint, higher is better: the training
+    bound (the objective's value on the step's mini-batch, scaled to the data set), and the
+    validation ELBO with its standard error where measured."""
     val_at = {v["step"]: v for v in validations}
     with atomic_write(path) as f:
         w = csv.writer(f)
-        w.writerow(["step", "epoch", "loss", "seconds", "val_elbo", "val_elbo_se"])
+        w.writerow(["step", "epoch", "train_bound", "seconds", "val_elbo", "val_elbo_se"])
         for r in rows:
             v = val_at.get(r["step"])
-            w.writerow([r["step"], r["epoch"], f"{r['loss']:.6f}", f"{r['seconds']:.4f}",
+            w.writerow([r["step"], r["epoch"], f"{-r['loss']:.6f}", f"{r['seconds']:.4f}",
                         "" if v is None else f"{v['val_elbo']:.6f}",
                         "" if v is None else f"{v['val_elbo_se']:.6f}"])
 

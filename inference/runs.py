@@ -51,7 +51,10 @@ from elbolab.inference.traces import DATA_PLATE, infers_new_rows, latent_names
 from elbolab.inference.train import check_objective_for_model, fit
 from elbolab.inference.train_config import MAX_TENSOR_ELEMENTS, TrainConfig, check_config_for_data, rows_per_batch
 from elbolab.inference.usermodel import UserModel
-from elbolab.models.protocol import ClosedForms
+from elbolab.inference.convergence import verdict
+from elbolab.inference.metrics import SCHEMA_VERSION, UNITS, exact, from_estimate, quantity
+from elbolab.inference.objectives import build_objective
+from elbolab.models.protocol import ClosedForms, InitializesFromData
 from elbolab.models.datasources import (BINARIZE, DATASETS, DataSplits, check_binary, check_unit_interval,
                                         load_dataset)
 
@@ -550,15 +553,22 @@ def check_spec_for_data(spec: RunSpec, data: DataSplits) -> None:
 
 
 def fit_run(spec: RunSpec, out: str, overwrite: bool = False, resume: bool = False,
-            refusal: str = "pass overwrite=True to replace its run or resume=True to continue it") -> dict:
+            refusal: str = "pass overwrite=True to replace its run or resume=True to continue it",
+            data: DataSplits | None = None) -> dict:
     """Fit ``spec`` into the run directory ``out`` (refused if it holds a run, unless
     ``overwrite``; ``resume`` continues the run there from its last checkpoint) and
-    return its metrics. Everything is checked before anything is written."""
+    return its metrics. Everything is checked before anything is written. A fresh run of
+    a model that takes starting values from the data (``models.protocol.InitializesFromData``)
+    gets them from its training rows. ``data``: the spec's data, if already loaded."""
     train = spec.train
-    data = spec.data.load(spec.likelihood())
+    data = spec.data.load(spec.likelihood()) if data is None else data
     check_spec_for_data(spec, data)
     torch.manual_seed(train.seed)
     model = build_model(spec, data)
+    # a run killed before its first checkpoint resumes from the start: nothing was saved
+    from_checkpoint = resume and os.path.isfile(os.path.join(out, CHECKPOINT))
+    if not from_checkpoint and isinstance(model, InitializesFromData):
+        model.initialize_from_data(data.train)
     check_objective_for_model(model, data, train)
     # under DDP every process runs this; only (global) rank 0 locks and writes the directory
     run_dir = RunDir(out, overwrite=overwrite, resume=resume, rank=distributed.launch_rank(train.devices),
@@ -573,8 +583,6 @@ def fit_run(spec: RunSpec, out: str, overwrite: bool = False, resume: bool = Fal
         if run_dir.rank == 0:
             save_json({**spec.to_dict(), "data_info": data.describe()}, run_dir.file(CONFIG))
         t0 = time.perf_counter()
-        # a run killed before its first checkpoint resumes from the start: nothing was saved
-        from_checkpoint = resume and os.path.isfile(run_dir.file(CHECKPOINT))
         result = fit(model, data, train, out_dir=out, resume=from_checkpoint)
         pareto = ParetoK()  # the Pareto k of each test row's importance weights (if any are drawn)
         metrics = evaluate_run(model, data, spec, result, pareto=pareto)  # every rank takes part
@@ -605,8 +613,9 @@ def write_figures(model, data: DataSplits, spec: RunSpec, result, metrics: dict,
 
 
 def evaluate_run(model, data: DataSplits, spec: RunSpec, result, pareto: ParetoK | None = None) -> dict:
-    """The reported numbers: ELBO (and its terms) per datapoint on each split, a model's
-    closed forms, and the importance-sampled test log-likelihood."""
+    """The run's ``metrics.json`` (``inference.metrics``): the ELBO and its terms per
+    datapoint on each split, a model's closed forms, the importance-sampled test
+    log-likelihood, and the convergence verdict of the fit, every number in the one shape."""
     k = spec.eval.eval_particles
     seed = spec.train.seed
     model.eval()
@@ -614,12 +623,17 @@ def evaluate_run(model, data: DataSplits, spec: RunSpec, result, pareto: ParetoK
     new_rows = infers_new_rows(model, data.train)
     if new_rows:
         splits.update({"val": (data.val, None), "test": (data.test, None)})
+    objective = build_objective(spec.train.objective, spec.train.n_particles, spec.train.alpha).describe()
+    final = None if not result.history else float(-result.final_loss)
     metrics: dict = {
-        "model": spec.model, "config": spec.to_dict(), "data": data.describe(),
-        "steps": result.steps, "epochs": result.epochs, "seconds": result.seconds,
-        "stopped_early": result.stopped_early, "final_train_loss": result.final_loss,
-        "units": "nats per datapoint",
+        "schema": SCHEMA_VERSION, "units": UNITS, "model": spec.model, "config": spec.to_dict(),
+        "data": data.describe(),
+        "run": {"steps": int(result.steps), "epochs": int(result.epochs), "seconds": float(result.seconds),
+                "stopped_early": bool(result.stopped_early), "objective": objective,
+                "final_train_bound": final, "convergence": verdict(result.history)},
+        "quantities": {}, "diagnostics": {}, "closed_forms": {},
     }
+    q = metrics["quantities"]
     if data.binarize == "dynamic":
         # the training rows evaluated at one fixed draw of their binarization
         g = torch.Generator().manual_seed(0)
@@ -635,42 +649,68 @@ def evaluate_run(model, data: DataSplits, spec: RunSpec, result, pareto: ParetoK
             est = distributed.estimate_rows(lambda xb, rb: elbo_terms(model, xb, rb, k), x, rows,
                                             chunk_size=rows_per_batch(k, data.data_dim),
                                             seed=distributed.chunk_seed(seed + 1, i))
-        metrics[f"{name}_elbo"] = est["elbo"].to_dict()
-        metrics[f"{name}_recon"] = est["recon"].to_dict()
-        metrics[f"{name}_kl"] = est["kl"].to_dict()
+        n = int(x.shape[0])
+        q[f"{name}_elbo"] = from_estimate(est["elbo"], method="monte-carlo", K=k, bound="lower", n=n)
+        q[f"{name}_recon"] = from_estimate(est["recon"], method="monte-carlo", K=k, bound="estimate", n=n)
+        q[f"{name}_kl"] = from_estimate(est["kl"], method="monte-carlo", K=k, bound="estimate", better="lower", n=n)
     if isinstance(model, ClosedForms):
-        metrics.update(model.closed_form_metrics(data))
-    if "train_log_evidence" in metrics and "train_elbo" in metrics:
+        for key, value in model.closed_form_metrics(data).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                split = key.split("_")[0]
+                n = {"train": data.n_train, "mle": data.n_train, "val": data.val.shape[0],
+                     "test": data.test.shape[0]}.get(split, data.n_train)
+                q[key] = exact(value, int(n), better="lower" if "_kl" in key else "higher")
+            else:
+                metrics["closed_forms"][key] = value
+    if "train_log_evidence" in q and "train_elbo" in q:
         # an exact log evidence log p(X) (global latents): its gap to the ELBO is KL(q || p(theta | X))
-        elbo = metrics["train_elbo"]
-        kl = metrics["train_log_evidence"] - elbo["mean"]
-        metrics["train_kl_to_posterior"] = {"mean": kl, "se": elbo["se"], "total_nats": kl * data.n_train}
+        elbo = q["train_elbo"]
+        q["train_kl_to_posterior"] = quantity(q["train_log_evidence"]["value"] - elbo["value"], elbo["se"],
+                                              data.n_train, method="monte-carlo", K=k, bound="estimate",
+                                              better="lower")
     if new_rows and not global_latents and data.test.shape[0]:
-        metrics.update(test_likelihood_metrics(model, data.test, spec.eval.n_samples, seed=log_likelihood_seed(seed),
-                                               exact="test_log_likelihood" in metrics, pareto=pareto))
+        test = test_likelihood_metrics(model, data.test, spec.eval.n_samples, seed=log_likelihood_seed(seed),
+                                       pareto=pareto)
+        q["test_importance_log_likelihood"] = test.pop("log_likelihood")
+        q.setdefault("test_log_likelihood", q["test_importance_log_likelihood"])
+        metrics["diagnostics"].update(test)
     return metrics
 
 
-def test_likelihood_metrics(model, x, n_samples: int, seed: int, exact: bool = False,
-                            pareto: ParetoK | None = None) -> dict:
-    """The importance-sampled test log-likelihood (K = n_samples) with its standard error;
-    from the same draws the ELBO, its reconstruction and KL terms and the IWAE_m bounds
-    for m = 1, 10, 100, ... dividing K (``test_importance``); and the active units.
-    The log-likelihood goes under ``test_log_likelihood``, or ``test_log_likelihood_is``
-    when the model already reported its exact value under that name (``exact``).
-    Both carry ``pareto_k``: the Pareto k of each row's K importance weights, summarized
-    (``inference.diagnostics.ParetoK``, also left in ``pareto`` when given), with the
-    flag ``reliable``."""
+def distance_to_closed_form(metrics: dict) -> str | None:
+    """The fit against its closed form, where the model has one: PPCA's training
+    log-likelihood against the closed-form maximum, the Bayesian Gaussian's guide's KL to
+    the exact posterior (nats per datapoint)."""
+    q = metrics.get("quantities", {})
+    if "mle_log_likelihood" in q and "train_log_likelihood" in q:
+        gap = q["mle_log_likelihood"]["value"] - q["train_log_likelihood"]["value"]
+        return f"{gap:.4f} nats per datapoint below the closed-form maximum log-likelihood"
+    if "guide_kl_to_posterior_exact" in q:
+        return f"KL(q || exact posterior) {q['guide_kl_to_posterior_exact']['value']:.4f} nats per datapoint"
+    if "train_kl_to_posterior" in q:
+        kl = q["train_kl_to_posterior"]
+        return f"KL(q || exact posterior) {kl['value']:.4f} ± {kl['se']:.4f} nats per datapoint"
+    return None
+
+
+def test_likelihood_metrics(model, x, n_samples: int, seed: int, pareto: ParetoK | None = None) -> dict:
+    """The importance-sampled test log-likelihood (K = n_samples, a quantity with its
+    Pareto k share and reliability) under ``log_likelihood``; from the same draws the ELBO,
+    its reconstruction and KL terms and the IWAE_m bounds for m = 1, 10, 100, ...
+    dividing K (``test_importance``), the Pareto k summary (``test_pareto_k``, also left in
+    ``pareto`` when given), and the active units."""
     sizes = tuple(m for m in (10**i for i in range(7)) if m <= n_samples and n_samples % m == 0)
     ladder = IWAELadder(int(x.shape[0]), sizes)
     pareto = ParetoK() if pareto is None else pareto
     est = test_log_likelihood(model, x, n_samples, seed, pareto=pareto, on_log_weights=ladder)
-    key = "test_log_likelihood_is" if exact else "test_log_likelihood"
-    pareto_k = pareto.summary()
-    out = {key: {**est["log_likelihood"].to_dict(), "n_samples": n_samples},
-           "test_importance": {"n_samples": n_samples, **{t: est[t].to_dict() for t in ("elbo", "recon", "kl")},
-                               "iwae": {str(m): e.to_dict() for m, e in ladder.estimates().items()},
-                               "pareto_k": pareto_k}}
+    out = {"log_likelihood": from_estimate(est["log_likelihood"], method="importance", K=n_samples, bound="lower"),
+           "test_importance": {
+               "elbo": from_estimate(est["elbo"], method="importance", K=n_samples, bound="lower"),
+               "recon": from_estimate(est["recon"], method="importance", K=n_samples, bound="estimate"),
+               "kl": from_estimate(est["kl"], method="importance", K=n_samples, bound="estimate", better="lower"),
+               "iwae": {str(m): from_estimate(e, method="importance", K=m, bound="lower")
+                        for m, e in ladder.estimates().items()}},
+           "test_pareto_k": pareto.summary()}
     if len(latent_names(model, x[:1])[0]) == 1:
         au = active_units(model, x)
         out["test_active_units"] = {k: au[k] for k in ("active_units", "latent_dim", "threshold")}
@@ -708,12 +748,15 @@ def evaluate_split(run: LoadedRun, split: str = "test", n_samples: int = 5000, s
     pareto = ParetoK() if pareto is None else pareto
     est = test_log_likelihood(model, x, n_samples, seed, rows, pareto=pareto)
     out = {
-        "run": os.path.abspath(run.path), "model": run.spec.model, "checkpoint_step": run.step,
-        "split": split, "n_rows": int(x.shape[0]), "n_samples": n_samples, "seed": seed,
-        "units": "nats per datapoint",
-        "log_likelihood": est["log_likelihood"].to_dict(),
-        "elbo": est["elbo"].to_dict(), "recon": est["recon"].to_dict(), "kl": est["kl"].to_dict(),
-        "seconds": time.perf_counter() - t0,
+        "schema": SCHEMA_VERSION, "run": os.path.abspath(run.path), "model": run.spec.model,
+        "checkpoint_step": run.step, "split": split, "n_rows": int(x.shape[0]), "n_samples": n_samples,
+        "seed": seed, "units": UNITS,
+        "quantities": {
+            "log_likelihood": from_estimate(est["log_likelihood"], method="importance", K=n_samples, bound="lower"),
+            "elbo": from_estimate(est["elbo"], method="importance", K=n_samples, bound="lower"),
+            "recon": from_estimate(est["recon"], method="importance", K=n_samples, bound="estimate"),
+            "kl": from_estimate(est["kl"], method="importance", K=n_samples, bound="estimate", better="lower")},
+        "pareto_k": pareto.summary(), "seconds": time.perf_counter() - t0,
     }
     if len(latent_names(model, x[:1], None if rows is None else rows[:1])[0]) == 1:
         out["active_units"] = active_units(model, x, rows)

@@ -520,6 +520,39 @@ class BayesianGaussian(PyroModule):
         else:
             self.approx = KnownScaleGuide(d, config.prior_loc, config.prior_kappa, config.noise_scale, n_data)
 
+    @torch.no_grad()
+    def initialize_from_data(self, x: torch.Tensor) -> None:
+        """Start the guide at the data's moments: loc at the rows' mean and the precision at
+        the inverse of their covariance (through the Bartlett sites for the Normal-Wishart
+        prior), where the automatic guides otherwise start at the prior's mean (their
+        ``init_to_mean``) and the structured ones at the prior's loc and mean precision.
+        On data far from the prior's scale (offsets of 10, scales of 5) those starts leave
+        Adam, whose steps have a fixed size, hundreds of steps from the posterior."""
+        cfg, d = self.config, self.data_dim
+        mean, cov = mle(x)
+        values = {"loc": mean}
+        if cfg.prior == "normal-wishart":
+            cov = cov + 1e-6 * torch.diagonal(cov).mean().clamp_min(1e-12) * torch.eye(d, dtype=cov.dtype)
+            A = torch.linalg.cholesky(torch.linalg.inv(cov)) / self.prior_tril  # precision = L0 A A^T L0^T
+            values["bartlett_diag"] = torch.diagonal(A) ** 2
+            if d > 1:
+                rows, cols = lower_indices(d)
+                values["bartlett_lower"] = A[rows, cols]
+        elif cfg.prior == "normal-gamma":
+            values["precision"] = 1.0 / cov.reshape(1).clamp_min(1e-12)
+        if cfg.guide in ("mean-field", "full-rank"):
+            cls = autoguide.AutoNormal if cfg.guide == "mean-field" else autoguide.AutoMultivariateNormal
+            init = autoguide.init_to_value(values={k: v.to(torch.get_default_dtype()) for k, v in values.items()})
+            self.approx = cls(self.model, init_loc_fn=init, init_scale=cfg.init_scale)
+        elif cfg.prior == "normal-wishart":
+            self.approx.loc = mean.to(self.approx.loc.dtype)
+            self.approx.precision_tril = torch.linalg.cholesky(torch.linalg.inv(cov)).to(self.approx.loc.dtype)
+        elif cfg.prior == "normal-gamma":
+            self.approx.loc = mean.to(self.approx.loc.dtype)
+            self.approx.precision_mean = values["precision"][0].to(self.approx.loc.dtype)
+        else:
+            self.approx.loc = mean.to(self.approx.loc.dtype)
+
     # -- the Pyro model and guide ----------------------------------------------
 
     def model(self, x: torch.Tensor) -> None:

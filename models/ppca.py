@@ -9,7 +9,15 @@ so that x_i ~ N(loc, C) with C = W W^T + noise_scale^2 I_d (d, d) and the exact
 posterior is p(z_i | x_i) = N(M^-1 W^T (x_i - loc), noise_scale^2 M^-1) with
 M = W^T W + noise_scale^2 I_k (k, k).
 
-Parameters: ``W`` (d, k), ``loc`` (d,), ``noise_scale`` > 0 (the notes' sigma).
+Parameters: ``W`` (d, k), ``loc`` (d,), ``noise_scale`` > 0 (sigma), in the data's units;
+held as ``unit_W``, ``unit_loc``, ``unit_noise_scale`` in the units of the standardized
+data (x - data_loc) / data_scale (W = data_scale unit_W, loc = data_loc + data_scale
+unit_loc, noise_scale = data_scale unit_noise_scale), where ``data_loc`` (d,) and
+``data_scale`` (a scalar, so the noise stays isotropic) are the training data's mean and
+spread (``initialize_from_data``; 0 and 1 before). The likelihood of a + s x under
+(a + s W', ...) is that of x under W' less d log s per row, so its gradient with respect
+to the unit parameters, and hence Adam's path, is the same for any location and scale
+of the data.
 
 Guides (``PPCAConfig.guide``):
 
@@ -21,7 +29,7 @@ Guides (``PPCAConfig.guide``):
   1 / diag(Sigma^-1) (``best_mean_field``).
 
 The amortized encoders read x centred at the model's current ``loc`` (detached, so
-the guide's gradient never moves the model): the same affine family as A x + b,
+the guide's gradient never moves the model) and divided by ``data_scale``: the same affine family as A x + b,
 but the regression of z on x is far better conditioned. Measured on the digits
 (k = 10, full batch, 1,000 steps of Adam decaying 0.03 -> 1e-4): centred, the fit
 ends 0.0004 nats per datapoint below the closed-form maximum log-likelihood with
@@ -108,15 +116,61 @@ class PPCA(PyroModule):
             raise ConfigError(f"latent_dim {config.latent_dim} is larger than the data dimension {data_dim}")
         self.config, self.data_dim, self.n_data = config, data_dim, n_data
         self.latent_dim = k = config.latent_dim
-        self.W = PyroParam(config.init_scale * torch.randn(data_dim, k))
-        self.loc = PyroParam(torch.zeros(data_dim))
-        self.noise_scale = PyroParam(torch.tensor(1.0), constraint=constraints.positive)
+        # the data's location and scale (set by initialize_from_data; 0 and 1 until then): the
+        # parameters below are in the units of (x - data_loc) / data_scale, see the module docstring
+        self.register_buffer("data_loc", torch.zeros(data_dim))
+        self.register_buffer("data_scale", torch.ones(()))
+        self.unit_W = PyroParam(config.init_scale * torch.randn(data_dim, k))
+        self.unit_loc = PyroParam(torch.zeros(data_dim))
+        self.unit_noise_scale = PyroParam(torch.tensor(1.0), constraint=constraints.positive)
         if config.guide == "per-datapoint":
             self.encoder = PerDatapointNormal(n_data, k, config.init_scale)
         elif config.guide == "per-datapoint-full":
             self.encoder = PerDatapointMultivariateNormal(n_data, k, config.init_scale)
         else:
             self.encoder = LinearGaussianEncoder(data_dim, k, config.guide == "amortized-full", config.init_scale)
+
+    # -- the parameters in the data's units ----------------------------------------
+
+    @property
+    def W(self) -> torch.Tensor:
+        """The loadings (d, k), in the data's units."""
+        return self.data_scale * self.unit_W
+
+    @property
+    def loc(self) -> torch.Tensor:
+        """The mean (d,), in the data's units."""
+        return self.data_loc + self.data_scale * self.unit_loc
+
+    @property
+    def noise_scale(self) -> torch.Tensor:
+        """The noise's scale (), in the data's units."""
+        return self.data_scale * self.unit_noise_scale
+
+    @torch.no_grad()
+    def initialize_from_data(self, x: torch.Tensor) -> None:
+        """Take the data's location (the column means) and scale (the root mean variance
+        over columns) as the units of the parameters, and start from W at a safe scale in
+        those units (random columns of length about 1/2: well inside the data's spread, far
+        from the saddle point W = 0), loc at the mean and the noise at the whole spread.
+        Adam's steps are of a fixed size in the parameters' units, so a fit in these units
+        is the same for data a + s x as for x (up to float round-off): without it, data
+        with offsets of 10 and component scales of 3 ended 2-6 nats per datapoint short of
+        the closed form after 1000 full-batch steps (rate 0.05 decaying to 0.001), and
+        offsets of 100 and scales of 30 about 100 nats short; with it, 0.01-0.02 nats for
+        both (12 columns, k = 3, 1000 rows). Then the guide is set to its family's best
+        member at these parameters."""
+        mean = x.double().mean(0)
+        spread = (x.double() - mean).pow(2).mean().sqrt()
+        scale = float(spread) if float(spread) > 0 else 1.0
+        dtype = self.unit_W.dtype
+        self.data_loc = mean.to(dtype)
+        self.data_scale = torch.tensor(scale, dtype=dtype)
+        k = self.latent_dim
+        self.unit_W = (0.5 / math.sqrt(k)) * torch.randn(self.data_dim, k, dtype=dtype)
+        self.unit_loc = torch.zeros(self.data_dim, dtype=dtype)
+        self.unit_noise_scale = torch.tensor(1.0, dtype=dtype)
+        self.set_guide_optimal(x)
 
     def model(self, x: torch.Tensor) -> None:
         W, loc, noise_scale = self.W, self.loc, self.noise_scale  # (d, k), (d,), ()
@@ -137,8 +191,9 @@ class PPCA(PyroModule):
         return self.encoder.dist(torch.arange(x.shape[0]) if rows is None else rows)
 
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x centred at the model's loc, detached (see the module docstring)."""
-        return x - self.loc.detach()
+        """x centred at the model's loc and divided by the data's scale, detached (see the
+        module docstring)."""
+        return (x - self.loc.detach()) / self.data_scale
 
     # -- closed forms at the current parameters ----------------------------------
 
@@ -149,11 +204,12 @@ class PPCA(PyroModule):
 
     @torch.no_grad()
     def set_parameters(self, W: torch.Tensor, loc: torch.Tensor, noise_scale) -> None:
-        """Set the generative parameters (e.g. to the closed-form maximum)."""
-        dtype = self.W.dtype
-        self.W = torch.as_tensor(W).to(dtype)
-        self.loc = torch.as_tensor(loc).to(dtype)
-        self.noise_scale = torch.as_tensor(noise_scale).to(dtype)
+        """Set the generative parameters, in the data's units (e.g. to the closed-form maximum)."""
+        dtype = self.unit_W.dtype
+        s = self.data_scale.double()
+        self.unit_W = (torch.as_tensor(W).double() / s).to(dtype)
+        self.unit_loc = ((torch.as_tensor(loc).double() - self.data_loc.double()) / s).to(dtype)
+        self.unit_noise_scale = (torch.as_tensor(noise_scale).double() / s).to(dtype)
 
     @torch.no_grad()
     def set_guide_optimal(self, x: torch.Tensor | None = None) -> None:
@@ -167,9 +223,9 @@ class PPCA(PyroModule):
         full = isinstance(self.encoder, PerDatapointMultivariateNormal) or getattr(self.encoder, "full", False)
         if not full:
             cov = best_mean_field(cov)
-        dtype = self.W.dtype
-        if self.encoder.amortized:
-            self.encoder.linear.weight.copy_(gain)
+        dtype = self.unit_W.dtype
+        if self.encoder.amortized:  # it reads (x - loc) / data_scale
+            self.encoder.linear.weight.copy_(gain * self.data_scale.double())
             self.encoder.linear.bias.zero_()
             if full:
                 self.encoder.scale_tril = torch.linalg.cholesky(cov).to(dtype)

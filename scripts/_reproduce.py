@@ -71,7 +71,7 @@ def train(name: str, model: str, model_config: dict, train_config: TrainConfig, 
         return metrics
     print(f"[{name}] training {model} ({train_config.objective}, K = {train_config.n_particles}) ...", file=sys.stderr)
     metrics = fit_run(RunSpec.from_dict(spec, name), run_dir, overwrite=True, resume=False)
-    print(f"[{name}] {metrics['steps']} steps in {metrics['seconds']:.0f} s", file=sys.stderr)
+    print(f"[{name}] {metrics['run']['steps']} steps in {metrics['run']['seconds']:.0f} s", file=sys.stderr)
     return metrics
 
 

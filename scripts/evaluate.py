@@ -67,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         pareto_k_plot(pareto.values, os.path.join(out_dir, "evaluation_pareto_k.png"),
                       f"{run.spec.model} {args.split} rows: Pareto k of each row's importance weights",
                       args.n_samples)
-    ll, elbo = result["log_likelihood"], result["elbo"]
+    ll, elbo = result["quantities"]["log_likelihood"], result["quantities"]["elbo"]
     line = (f"{run.spec.model} {args.split} ({result['n_rows']} rows): log-likelihood (K = {args.n_samples}) "
-            f"{ll['mean']:.3f} ± {ll['se']:.3f} [{reliability_note(ll['pareto_k'])}], "
-            f"ELBO {elbo['mean']:.3f} ± {elbo['se']:.3f} nats/datapoint")
+            f"{ll['value']:.3f} ± {ll['se']:.3f} [{reliability_note(result['pareto_k'])}], "
+            f"ELBO {elbo['value']:.3f} ± {elbo['se']:.3f} nats/datapoint")
     if "active_units" in result:
         au = result["active_units"]
         line += f", {au['active_units']}/{au['latent_dim']} active units"

@@ -31,8 +31,10 @@ from elbolab.inference import distributed
 from elbolab.inference.diagnostics import reliability_note
 from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import tune_malloc
-from elbolab.inference.runs import EVAL_PARTICLES, N_SAMPLES, EvalSpec, RunSpec, fit_run, is_reference
+from elbolab.inference.runs import (EVAL_PARTICLES, N_SAMPLES, EvalSpec, RunSpec, distance_to_closed_form, fit_run,
+                                    is_reference)
 from elbolab.inference.traces import DATA_PLATE
+from elbolab.inference.train_config import TrainConfig
 from elbolab.scripts import _cli
 
 PROG = "elbolab fit"
@@ -71,7 +73,13 @@ def build_parser():
     g.add_argument("--plate", default=None,
                    help=f"your model's plate over the data's rows (default: {DATA_PLATE})")
     _cli.add_data_args(p)
-    train_fields = _cli.add_train_args(p)
+    train_fields = _cli.add_train_args(p, defaults={
+        "lr": "what converges for the model: 0.05 for ppca and gaussian, 0.001 for the VAEs, 0.01 for yours",
+        "lr_final": "0.001 for ppca, gaussian and yours, none for the VAEs; none when --lr is given",
+        "batch_size": "the whole training set up to 5000 rows (10,000 for yours) for ppca, gaussian and yours, "
+                      "100 for the VAEs",
+        "steps": "500 for ppca (2000 beyond 5000 rows), 1000 for gaussian, 2000 for yours",
+        "epochs": "at least 10 and 2000 steps for the VAEs"})
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-particles", type=_cli.positive_int, default=None,
                    help="samples per datapoint for the reported ELBO (models with global latents, "
@@ -83,10 +91,12 @@ def build_parser():
     return p
 
 
-def spec_from_args(args) -> RunSpec:
-    """The run spec of a new run from the flags (every value checked)."""
+def spec_from_args(args):
+    """The run spec of a new run from the flags (every value checked), the training
+    settings the user did not give from what converges for the model on this data
+    (``models.train_defaults``); and the data, loaded."""
     evals = EvalSpec(args.eval_particles or EVAL_PARTICLES, args.n_samples or N_SAMPLES)
-    train = _cli.train_values(args, args.train_fields)
+    given = _cli.config_args(args, TrainConfig, args.train_fields)
     if is_reference(args.model):
         stray = [n for n in args.model_fields if getattr(args, n) is not None]
         if stray:
@@ -94,6 +104,7 @@ def spec_from_args(args) -> RunSpec:
                              f"--model {args.model}")
         config = {"guide": args.guide, "plate": args.plate or DATA_PLATE}
         spec = RunSpec(args.model, config, data=_cli.data_spec(args, None), eval=evals)
+        family = None
     else:
         if args.model not in models.REGISTRY:
             raise UsageError(f"--model {args.model!r}: choose one of {', '.join(models.model_names())}, or give "
@@ -105,11 +116,22 @@ def spec_from_args(args) -> RunSpec:
         if args.guide is not None:
             values["guide"] = args.guide
         config = models.config_to_dict(models.make_config(args.model, values))
-        likelihood = models.REGISTRY[args.model][1].likelihood
-        spec = RunSpec(args.model, config, data=_cli.data_spec(args, likelihood), eval=evals)
+        spec = RunSpec(args.model, config, eval=evals)
+        spec = RunSpec(args.model, config, data=_cli.data_spec(args, spec.likelihood()), eval=evals)
+        family = args.model
+    data = spec.data.load(spec.likelihood())
+    defaults = models.train_defaults(family, data.n_train)
+    if "steps" in given or "epochs" in given:  # a budget given: the defaults' budget does not apply
+        defaults.pop("steps", None)
+        defaults["epochs"] = None if "steps" in given else defaults.get("epochs")
+    if "lr" in given:
+        defaults.pop("lr_final", None)  # a rate given: constant unless --lr-final is given too
+    train = {**TrainConfig().to_dict(), **defaults, **given, "seed": args.seed}
+    if train["steps"] is None and train["epochs"] is None:
+        train["epochs"] = TrainConfig().epochs
     d = spec.to_dict()
     d["train"] = train
-    return RunSpec.from_dict(d, "the flags")
+    return RunSpec.from_dict(d, "the flags"), data
 
 
 def resume_spec(args, argv) -> RunSpec:
@@ -135,15 +157,29 @@ def resume_spec(args, argv) -> RunSpec:
 
 
 def summary_line(spec: RunSpec, metrics: dict, out: str) -> str:
-    line = f"{spec.model}: train ELBO {metrics['train_elbo']['mean']:.3f} ± {metrics['train_elbo']['se']:.3f}"
-    if "test_elbo" in metrics:
-        line += f", test ELBO {metrics['test_elbo']['mean']:.3f} ± {metrics['test_elbo']['se']:.3f}"
-    ll = metrics.get("test_log_likelihood")
-    if isinstance(ll, dict):
-        line += f", test log-likelihood (K = {ll['n_samples']}) {ll['mean']:.3f} ± {ll['se']:.3f}"
-        if ll.get("pareto_k"):
-            line += f" [{reliability_note(ll['pareto_k'])}]"
-    return line + f" nats/datapoint; {metrics['steps']} steps in {metrics['seconds']:.1f} s -> {out}/metrics.json"
+    """What a fit prints: its ELBOs, test log-likelihood (with the reliability of an
+    importance-sampled one), convergence verdict and distance to a closed form."""
+    q, run = metrics["quantities"], metrics["run"]
+
+    def pm(key: str) -> str:
+        e = q[key]
+        return f"{e['value']:.3f}" if e["se"] is None else f"{e['value']:.3f} ± {e['se']:.3f}"
+
+    line = f"{spec.model}: train ELBO {pm('train_elbo')}"
+    if "test_elbo" in q:
+        line += f", test ELBO {pm('test_elbo')}"
+    if "test_log_likelihood" in q:
+        ll = q["test_log_likelihood"]
+        how = "exact" if ll["method"] == "exact" else f"K = {ll['K']}"
+        line += f", test log-likelihood ({how}) {pm('test_log_likelihood')}"
+        if ll["method"] != "exact":
+            line += f" [{reliability_note(metrics['diagnostics'].get('test_pareto_k'))}]"
+    line += " nats/datapoint"
+    closed = distance_to_closed_form(metrics)
+    if closed:
+        line += f"; {closed}"
+    line += f"; {run['convergence']['verdict']}"
+    return line + f"; {run['steps']} steps in {run['seconds']:.1f} s -> {out}/metrics.json"
 
 
 @_cli.guarded(PROG)
@@ -156,9 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.out is None:
             raise UsageError("--out DIR is required (or --resume DIR)")
-        spec = spec_from_args(args)
+        spec, data = spec_from_args(args)
         out, overwrite, resume = args.out, args.overwrite, False
-    metrics = fit_run(spec, out, overwrite, resume, refusal=_cli.REFUSAL_RUN)
+        return _finish(spec, fit_run(spec, out, overwrite, resume, refusal=_cli.REFUSAL_RUN, data=data), out)
+    return _finish(spec, fit_run(spec, out, overwrite, resume, refusal=_cli.REFUSAL_RUN), out)
+
+
+def _finish(spec: RunSpec, metrics: dict, out: str) -> int:
     if distributed.rank_and_world()[0] == 0:
         print(summary_line(spec, metrics, out))
     return 0

@@ -137,17 +137,31 @@ def diagnose(study: "Study", name: str, *flags: str) -> dict:
 
 
 def _k_share(est: dict | None) -> str:
-    """The share of rows whose importance weights have Pareto k > 0.7, and the verdict."""
-    k = est.get("pareto_k") if isinstance(est, dict) else None
-    if not k:
+    """The share of rows whose importance weights have Pareto k > 0.7, and the verdict
+    (a quantity of ``metrics.json``, or a Pareto k summary)."""
+    if not isinstance(est, dict):
         return "n/a"
-    return f"{100 * k['share_above_0.7']:.1f}%" + ("" if k["reliable"] else " (**unreliable**)")
+    share = est.get("pareto_k_share", est.get("share_above_0.7"))
+    if share is None and isinstance(est.get("pareto_k"), dict):
+        share, est = est["pareto_k"].get("share_above_0.7"), est["pareto_k"]
+    if share is None:
+        return "n/a"
+    return f"{100 * share:.1f}%" + ("" if est.get("reliable") is not False else " (**unreliable**)")
 
 
 def _pm(est: dict | None, digits: int = 2) -> str:
+    """value ± standard error of a quantity (``metrics.json``) or an estimate (mean, se)."""
     if not isinstance(est, dict):
         return "n/a"
-    return f"{est['mean']:.{digits}f} ± {est['se']:.{digits}f}"
+    value = est.get("value", est.get("mean"))
+    if est.get("se") is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ± {est['se']:.{digits}f}"
+
+
+def _v(m: dict, name: str) -> float:
+    """The value of the quantity ``name`` of a run's metrics."""
+    return m["quantities"][name]["value"]
 
 
 # ------------------------------------------------------------------------------ stages
@@ -167,24 +181,26 @@ def stage_ppca(study: Study, doc: Document) -> str:
     t0 = time.perf_counter()
     W, loc, scale, em_steps, em_hist = ppca.em(x, k, steps=2000, tol=1e-9, seed=study.seed)
     em_seconds = time.perf_counter() - t0
-    em_within = next((i + 1 for i, v in enumerate(em_hist) if m["mle_log_likelihood"] - v < 0.01), None)
-    gap = m["mle_log_likelihood"] - m["train_log_likelihood"]
+    q = m["quantities"]
+    em_within = next((i + 1 for i, v in enumerate(em_hist) if _v(m, "mle_log_likelihood") - v < 0.01), None)
+    gap = _v(m, "mle_log_likelihood") - _v(m, "train_log_likelihood")
     doc.heading("Probabilistic PCA: SVI against the closed form")
     doc.para(f"z ~ N(0, I_{k}), x | z ~ N(W z + loc, noise_scale² I) on the {study.args.dataset} grey levels; "
              "SVI with the full-covariance amortized guide (its family holds the exact posterior), "
              f"{'full-batch' if not study.budget['ppca_batch'] else str(study.budget['ppca_batch']) + '-row mini-batch'} "
-             f"Adam {study.budget['ppca_lr']} → 1e-4 over {m['steps']} steps. The exact log-likelihood and the ELBO's exact gap "
+             f"Adam {study.budget['ppca_lr']} → 1e-4 over {m['run']['steps']} steps. The exact log-likelihood and the ELBO's exact gap "
              "KL(q || p(z|x)) come from the closed forms (Tipping & Bishop).")
     doc.table(["quantity", "value"], [
-        ["closed-form maximum log-likelihood (train)", f"{m['mle_log_likelihood']:.4f}"],
-        ["SVI: exact log-likelihood at the fitted parameters (train)", f"{m['train_log_likelihood']:.4f}"],
+        ["closed-form maximum log-likelihood (train)", f"{_v(m, 'mle_log_likelihood'):.4f}"],
+        ["SVI: exact log-likelihood at the fitted parameters (train)", f"{_v(m, 'train_log_likelihood'):.4f}"],
         ["SVI: distance to the optimum", f"{gap:.4f}"],
-        ["SVI: ELBO (train, 10 draws per row)", _pm(m["train_elbo"], 4)],
-        ["SVI: exact KL(q ‖ p(z|x)) (train)", f"{m['train_exact_kl']:.4f}" if "train_exact_kl" in m else "n/a"],
-        ["SVI: exact test log-likelihood", f"{m['test_log_likelihood']:.4f}"],
+        ["SVI: ELBO (train, 10 draws per row)", _pm(q["train_elbo"], 4)],
+        ["SVI: exact KL(q ‖ p(z|x)) (train)", _pm(q.get("train_exact_kl"), 4)],
+        ["SVI: exact test log-likelihood", _pm(q.get("test_log_likelihood"), 4)],
         ["SVI: importance-sampled test log-likelihood (K = "
-         f"{m['test_log_likelihood_is']['n_samples']})", _pm(m.get("test_log_likelihood_is"), 4)],
-        ["SVI: seconds", f"{m['seconds']:.1f}"],
+         f"{q['test_importance_log_likelihood']['K']})", _pm(q.get("test_importance_log_likelihood"), 4)],
+        ["SVI: convergence", m["run"]["convergence"]["verdict"]],
+        ["SVI: seconds", f"{m['run']['seconds']:.1f}"],
         ["EM: steps to within 0.01 nats / to convergence", f"{em_within} / {em_steps}"],
         ["EM: seconds to convergence", f"{em_seconds:.2f}"],
     ])
@@ -194,14 +210,16 @@ def stage_ppca(study: Study, doc: Document) -> str:
     ll = dg["importance_log_likelihood"]
     doc.para(f"Diagnostics (`ppca/summary.md`, InferenceData `ppca/diagnostics.nc`): the importance-sampled test "
              f"log-likelihood {_pm(ll, 3)} (K = {ll['n_samples']}) against the exact "
-             f"{m['test_log_likelihood']:.3f}; rows whose importance weights have Pareto k > 0.7: {_k_share(ll)} "
+             f"{_v(m, 'test_log_likelihood'):.3f}; rows whose importance weights have Pareto k > 0.7: {_k_share(ll)} "
              "(the guide is the exact posterior up to training error, so the weights are nearly constant). "
              "Posterior-predictive p-values: " + ", ".join(f"{k} {v['p_value']:.2f}" for k, v in dg["ppc"].items())
              + " (near 0 or 1: the model misses that statistic of the data).")
     doc.figure("ppca/ppc.png", "PPCA: posterior-predictive checks (replicated statistics against the observed)")
-    study.summary["stages"]["ppca"] = {"optimum": m["mle_log_likelihood"], "svi": m["train_log_likelihood"],
-                                       "svi_seconds": m["seconds"], "em_steps": em_steps, "em_seconds": em_seconds}
-    return (f"SVI {m['steps']} steps: {gap:.4f} nats below the closed-form optimum {m['mle_log_likelihood']:.3f}; "
+    study.summary["stages"]["ppca"] = {"optimum": _v(m, "mle_log_likelihood"), "svi": _v(m, "train_log_likelihood"),
+                                       "svi_seconds": m["run"]["seconds"], "em_steps": em_steps,
+                                       "em_seconds": em_seconds, "convergence": m["run"]["convergence"]}
+    return (f"SVI {m['run']['steps']} steps: {gap:.4f} nats below the closed-form optimum "
+            f"{_v(m, 'mle_log_likelihood'):.3f}; "
             f"EM within 0.01 in {em_within} steps")
 
 
@@ -235,15 +253,15 @@ def stage_gaussian(study: Study, doc: Document) -> str:
         res[guide] = m = study.fit(f"gaussian/{guide}", "gaussian", {"guide": guide},
                                    {"steps": study.budget["gaussian_steps"], "lr": 0.1, "lr_final": 1e-4,
                                     "n_particles": 16, "epochs": None, "batch_size": n_train}, data)
-    exact = res["structured"]["exact_posterior"]
+    exact = res["structured"]["closed_forms"]["exact_posterior"]
     rows.append(["exact (Normal-Wishart)", *(f"{v:.4f}" for v in exact["loc_mean"]),
                  *(f"{v:.4f}" for v in exact["loc_sd"]), "1", "0"])
     for guide, m in res.items():
-        g = m["guide_posterior"]
-        kl = m["train_kl_to_posterior"]  # total nats over the n_train rows; its se per row
+        g = m["closed_forms"]["guide_posterior"]
+        kl = m["quantities"]["train_kl_to_posterior"]  # per datapoint; in total nats below
         rows.append([f"SVI, {guide}", *(f"{v:.4f}" for v in g["loc_mean"]), *(f"{v:.4f}" for v in g["loc_sd"]),
-                     " / ".join(f"{v:.2f}" for v in m["guide_loc_variance_ratio"]),
-                     f"{kl['total_nats']:.3f} ± {kl['se'] * n_train:.3f}"])
+                     " / ".join(f"{v:.2f}" for v in m["closed_forms"]["guide_loc_variance_ratio"]),
+                     f"{kl['value'] * n_train:.3f} ± {kl['se'] * n_train:.3f}"])
     # NUTS, the exact posterior and the guide side by side: scripts.diagnose on the structured run
     nuts_samples = study.budget["nuts_samples"]
     dg = diagnose(study, "gaussian/structured", "--nuts-samples", str(nuts_samples), "--nuts-warmup",
@@ -276,11 +294,13 @@ def stage_gaussian(study: Study, doc: Document) -> str:
                "side by side (94% intervals)")
     doc.figure("gaussian/structured/pair.png", "The Bayesian Gaussian: pairwise posterior draws")
     study.summary["stages"]["gaussian"] = {"pixels": [i, j], "correlation": rho,
-                                           "variance_ratio": {g: m["guide_loc_variance_ratio"] for g, m in res.items()},
+                                           "variance_ratio": {g: m["closed_forms"]["guide_loc_variance_ratio"]
+                                                              for g, m in res.items()},
                                            "nuts_seconds": nuts_s}
-    mf = res["mean-field"]["guide_loc_variance_ratio"]
+    mf = res["mean-field"]["closed_forms"]["guide_loc_variance_ratio"]
+    kl = res["structured"]["quantities"]["train_kl_to_posterior"]["value"] * n_train
     return (f"mean-field var(loc)/exact = {min(mf):.2f}-{max(mf):.2f} (1 - rho² = {1 - rho**2:.2f}); "
-            f"structured KL {res['structured']['train_kl_to_posterior']['total_nats']:.3f} nats")
+            f"structured KL {kl:.3f} nats")
 
 
 def stage_vae(study: Study, doc: Document) -> str:
@@ -297,13 +317,15 @@ def stage_vae(study: Study, doc: Document) -> str:
                 train = {"objective": objective, "n_particles": b["iwae_k"] if objective == "iwae" else 1,
                          "epochs": b["vae_epochs"], "batch_size": b["vae_batch"], "lr": 1e-3}
                 m = study.fit(f"vae/{name}", model, {**cfg, "guide": guide}, train, data)
-                ll = m.get("test_log_likelihood")
-                au = m.get("test_active_units", {})
-                rows.append([model, guide, f"{objective} (K = {train['n_particles']})", _pm(m["train_elbo"]),
-                             _pm(m.get("test_elbo")), _pm(ll), _k_share(ll),
-                             f"{au['active_units']} / {au['latent_dim']}" if au else "n/a", f"{m['seconds']:.1f}"])
-                if isinstance(ll, dict) and (best is None or ll["mean"] > best[1]):
-                    best = (name, ll["mean"])
+                q = m["quantities"]
+                ll = q.get("test_log_likelihood")
+                au = m["diagnostics"].get("test_active_units", {})
+                rows.append([model, guide, f"{objective} (K = {train['n_particles']})", _pm(q["train_elbo"]),
+                             _pm(q.get("test_elbo")), _pm(ll), _k_share(ll),
+                             f"{au['active_units']} / {au['latent_dim']}" if au else "n/a",
+                             f"{m['run']['seconds']:.1f}"])
+                if isinstance(ll, dict) and (best is None or ll["value"] > best[1]):
+                    best = (name, ll["value"])
     doc.heading("VAEs: objectives and guides")
     doc.para(f"Bernoulli decoders on the binarized {study.args.dataset} images; latent dimension {b['latent_dim']}, "
              f"MLPs {'-'.join(str(h) for h in b['hidden'])} (ELU); the mixture prior has {b['n_components']} "

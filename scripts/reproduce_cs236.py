@@ -53,11 +53,11 @@ def build_parser():
 
 def ours(metrics: dict) -> dict[str, tuple[float, float]]:
     """The table's quantities (negative bounds, nats) from a run's test_importance entry."""
-    t = metrics["test_importance"]
-    out = {"NELBO": (-t["elbo"]["mean"], t["elbo"]["se"]), "KL": (t["kl"]["mean"], t["kl"]["se"]),
-           "Rec": (-t["recon"]["mean"], t["recon"]["se"])}
+    t = metrics["diagnostics"]["test_importance"]
+    out = {"NELBO": (-t["elbo"]["value"], t["elbo"]["se"]), "KL": (t["kl"]["value"], t["kl"]["se"]),
+           "Rec": (-t["recon"]["value"], t["recon"]["se"])}
     for m, e in t["iwae"].items():
-        out[f"IWAE-{m}"] = (-e["mean"], e["se"])
+        out[f"IWAE-{m}"] = (-e["value"], e["se"])
     return out
 
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             pub = PUBLISHED[name].get(q)
             cell = _reproduce.pm(*vals[name][q]) if q in vals[name] else "—"
-            pk = results[name].get("test_log_likelihood", {}).get("pareto_k")
+            pk = results[name]["diagnostics"].get("test_pareto_k")
             if q == f"IWAE-{args.n_samples}" and pk and pk.get("reliable") is False:
                 cell += " (UNRELIABLE: Pareto k)"
             row += ["—" if pub is None else f"{pub:g}", cell]
@@ -101,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     extra = []
     for name in names:
         m = results[name]
-        au = m.get("test_active_units", {})
-        epochs = m["steps"] * m["config"]["train"]["batch_size"] / m["data"]["n_train"]
-        extra.append(f"- {name}: {m['steps']} steps ({epochs:.1f} epochs of {m['data']['n_train']} images) in "
-                     f"{m['seconds']:.0f} s of training; {au.get('active_units')} of {au.get('latent_dim')} "
-                     f"active units; {m['test_importance']['n_samples']} importance samples per test image, "
-                     f"Pareto k of their weights: {reliability_note(m.get('test_log_likelihood', {}).get('pareto_k'))}"
-                     ".")
+        au = m["diagnostics"].get("test_active_units", {})
+        steps = m["run"]["steps"]
+        epochs = steps * m["config"]["train"]["batch_size"] / m["data"]["n_train"]
+        extra.append(f"- {name}: {steps} steps ({epochs:.1f} epochs of {m['data']['n_train']} images) in "
+                     f"{m['run']['seconds']:.0f} s of training; {au.get('active_units')} of {au.get('latent_dim')} "
+                     f"active units; {m['quantities']['test_log_likelihood']['K']} importance samples per test "
+                     f"image, Pareto k of their weights: {reliability_note(m['diagnostics'].get('test_pareto_k'))}"
+                     f"; {m['run']['convergence']['verdict']}.")
     lines = [
         "# CS236 homework protocol on MNIST: ours beside the published values", "",
         f"Command: `{cmd.strip()}`", "",

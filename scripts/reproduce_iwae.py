@@ -125,18 +125,19 @@ def main(argv: list[str] | None = None) -> int:
         for k in args.ks:
             name = "vae-k1" if k == 1 else f"{kind}-k{k}"
             ev, m = evals[name], metrics[name]
-            nll = (-ev["log_likelihood"]["mean"], ev["log_likelihood"]["se"])
+            nll = (-ev["quantities"]["log_likelihood"]["value"], ev["quantities"]["log_likelihood"]["se"])
             diff = paired([-v for v in ev["log_likelihood_per_row"]], [-v for v in base])
-            bound = m["test_importance"]["iwae"][str(max(int(s) for s in m["test_importance"]["iwae"]))]
-            au = m["test_active_units"]
+            ladder = m["diagnostics"]["test_importance"]["iwae"]
+            bound = ladder[str(max(int(s) for s in ladder))]
+            au = m["diagnostics"]["test_active_units"]
             ours[f"{kind}-k{k}"] = {"run": name, "nll": nll, "nll_minus_vae_k1": diff,
-                                    "active_units": au["active_units"], "train_seconds": m["seconds"]}
+                                    "active_units": au["active_units"], "train_seconds": m["run"]["seconds"]}
             pub = PUBLISHED_NLL.get((kind, k))
             rows.append([kind.upper(), str(k), "—" if pub is None else f"{pub:.2f}",
-                         _reproduce.pm(*nll), reliability_note(ev["log_likelihood"].get("pareto_k")),
+                         _reproduce.pm(*nll), reliability_note(ev["pareto_k"]),
                          "0 (baseline)" if name == "vae-k1" else _reproduce.pm(*diff),
                          f"{au['active_units']} / {au['latent_dim']}",
-                         _reproduce.pm(-bound["mean"], bound["se"]), f"{m['seconds'] / 60:.1f}"
+                         _reproduce.pm(-bound["value"], bound["se"]), f"{m['run']['seconds'] / 60:.1f}"
                          + (" (same run as VAE k = 1)" if kind == "iwae" and k == 1 else "")])
     gaps = []
     for k in args.ks:

@@ -33,6 +33,18 @@ def _fresh_state():
     pyro.clear_param_store()
 
 
+def read_metrics(run_dir) -> dict:
+    """A run's metrics.json, checked against the metrics schema (inference/metrics.schema.json)."""
+    import json
+
+    from elbolab.inference.metrics import validate
+
+    with open(os.path.join(str(run_dir), "metrics.json")) as f:
+        m = json.load(f)
+    validate(m)
+    return m
+
+
 def run_script(name: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the program ``elbolab.scripts.NAME`` with ARGS in a process of its own, from the
     repository root; capture its output."""

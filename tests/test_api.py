@@ -221,7 +221,7 @@ def test_run_save_load_and_evaluate_round_trip(tmp_path):
     run = elbolab.fit(model, guide, x, steps=300, progress=False, out=str(tmp_path / "run"))
     assert set(os.listdir(tmp_path / "run")) >= {"config.json", "checkpoint.ckpt", "metrics.json", "history.csv",
                                                   "arguments.pt"}
-    assert run.metrics["train_elbo"]["mean"] < 0 and len(run.history) == 300
+    assert run.metrics["quantities"]["train_elbo"]["value"] < 0 and len(run.history) == 300
     trained = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
     first = run.evaluate(num_samples=50, seed=3)
     # a fresh session: the store emptied, the model and guide made anew, the run read back
@@ -230,8 +230,8 @@ def test_run_save_load_and_evaluate_round_trip(tmp_path):
     for name, value in trained.items():
         torch.testing.assert_close(pyro.param(name).detach(), value, rtol=0, atol=0)
     again = loaded.evaluate(num_samples=50, seed=3)
-    assert again["log_likelihood"]["mean"] == pytest.approx(first["log_likelihood"]["mean"], abs=1e-9)
-    assert first["log_likelihood"]["mean"] >= first["elbo"]["mean"]  # Jensen, same draws
+    assert again["log_likelihood"]["value"] == pytest.approx(first["log_likelihood"]["value"], abs=1e-9)
+    assert first["log_likelihood"]["value"] >= first["elbo"]["value"]  # Jensen, same draws
     with pytest.raises(UsageError, match="give its model and guide"):
         elbolab.load_run(str(tmp_path / "run"))
 

@@ -117,7 +117,7 @@ def test_fit_script_under_ddp_writes_once_and_evaluates_like_one_process(tmp_pat
     assert sorted(os.listdir(out)) == ["checkpoint.ckpt", "config.json", "history.csv", "latent_means.png",
                                        "loss_curve.png", "metrics.json", "pareto_k.png"]  # and the lock is gone
     m = json.loads((out / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["rank_param_diff"] == 0.0 and m["steps"] == 20
+    assert m["world_size"] == 2 and m["rank_param_diff"] == 0.0 and m["run"]["steps"] == 20
     assert len((out / "history.csv").read_text().splitlines()) == 1 + 20
     # the evaluation that the two ranks shared, redone here in one process from the checkpoint
     spec = json.loads((out / "config.json").read_text())
@@ -130,7 +130,7 @@ def test_fit_script_under_ddp_writes_once_and_evaluates_like_one_process(tmp_pat
     for split in ("train", "val", "test"):
         for term in ("elbo", "recon", "kl"):
             assert one[f"{split}_{term}"] == m[f"{split}_{term}"], (split, term)  # same bits (one thread each)
-    assert one["train_log_likelihood"] == m["train_log_likelihood"]
+    assert one["quantities"]["train_log_likelihood"] == m["quantities"]["train_log_likelihood"]
 
 
 # ----------------------------------------------------------------------------- in one process

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import read_metrics
 import torch
 
 from elbolab import models
@@ -326,28 +327,30 @@ def test_fit_cli_writes_exact_and_variational_moments(tmp_path):
                             "--batch-size", "480", "--eval-particles", "500", "--out", str(out), "--no-progress",
                             "--threads", "1"])
     assert code == 0
-    m = json.loads((out / "metrics.json").read_text())
+    m = read_metrics(out)
+    q, cf = m["quantities"], m["closed_forms"]
     data = loaders.load_dataset(data_path=str(tmp_path / "x.npy"))
     model = models.build_model("gaussian", {}, 2, data.n_train)
     post = model.exact_posterior(data.train)
-    exact = m["exact_posterior"]
+    exact = cf["exact_posterior"]
     # the exact moments are the closed form on the same training rows (float64 round-off)
     np.testing.assert_allclose(exact["loc_mean"], post.loc.numpy(), rtol=0, atol=1e-12)
     np.testing.assert_allclose(exact["precision_mean"], (post.df * post.scale).numpy(), rtol=1e-12)
-    assert m["train_log_evidence"] == pytest.approx(model.log_evidence(data.train) / data.n_train, abs=1e-12)
+    assert q["train_log_evidence"]["value"] == pytest.approx(model.log_evidence(data.train) / data.n_train,
+                                                             abs=1e-12)
     # the guide's moments beside them: means within 0.1 exact sds (as in the SVI test)
-    guide = m["guide_posterior"]
+    guide = cf["guide_posterior"]
     z = (np.array(guide["loc_mean"]) - np.array(exact["loc_mean"])) / np.array(exact["loc_sd"])
     assert np.abs(z).max() < 0.1
     # KL(q || p) two ways: the exact Normal-Wishart KL, and log p(X) - ELBO (3 standard errors)
-    kl = m["train_kl_to_posterior"]
-    assert abs(kl["mean"] - m["guide_kl_to_posterior_exact"]) < 3 * kl["se"]
-    assert kl["total_nats"] == pytest.approx(kl["mean"] * data.n_train)
-    assert m["train_elbo"]["n"] == 500  # draws of the whole set's ELBO
-    assert len(m["guide_loc_variance_ratio"]) == 2
+    kl = q["train_kl_to_posterior"]
+    assert abs(kl["value"] - q["guide_kl_to_posterior_exact"]["value"]) < 3 * kl["se"]
+    assert kl["better"] == "lower" and q["guide_kl_to_posterior_exact"]["method"] == "exact"
+    assert q["train_elbo"]["K"] == 500  # draws of the whole set's ELBO
+    assert len(cf["guide_loc_variance_ratio"]) == 2
     for split in ("val", "test"):  # the exact posterior predictive on held-out rows
         rows = getattr(data, split).double()
-        assert m[f"{split}_log_predictive"] == pytest.approx(float(post.predictive().log_prob(rows).mean()),
+        assert q[f"{split}_log_predictive"]["value"] == pytest.approx(float(post.predictive().log_prob(rows).mean()),
                                                              abs=1e-9)
 
 
@@ -379,11 +382,12 @@ def test_fit_cli_gaussian_on_the_digits(tmp_path):
     out = tmp_path / "run"
     assert fit_script.main(["--model", "gaussian", "--steps", "30", "--lr", "0.05", "--batch-size", "1257",
                             "--out", str(out), "--no-progress", "--threads", "1"]) == 0
-    m = json.loads((out / "metrics.json").read_text())
+    m = read_metrics(out)
+    q, cf = m["quantities"], m["closed_forms"]
     data = loaders.load_dataset("digits")
     post = models.build_model("gaussian", {}, 64, data.n_train).exact_posterior(data.train)
-    np.testing.assert_allclose(m["exact_posterior"]["loc_mean"], post.loc.numpy(), rtol=0, atol=1e-12)
-    assert np.array(m["guide_posterior"]["precision_mean"]).shape == (64, 64)
+    np.testing.assert_allclose(cf["exact_posterior"]["loc_mean"], post.loc.numpy(), rtol=0, atol=1e-12)
+    assert np.array(cf["guide_posterior"]["precision_mean"]).shape == (64, 64)
     # 30 steps are far from the posterior, and the reported KL says so (3 standard errors)
-    assert m["train_kl_to_posterior"]["mean"] > 3 * m["train_kl_to_posterior"]["se"]
-    assert m["train_elbo"]["mean"] < m["train_log_evidence"]
+    assert q["train_kl_to_posterior"]["value"] > 3 * q["train_kl_to_posterior"]["se"]
+    assert q["train_elbo"]["value"] < q["train_log_evidence"]["value"]

@@ -607,8 +607,8 @@ def test_resume_of_a_finished_run_changes_nothing(finished_run, tmp_path, capsys
     (run / "metrics.json").unlink()
     assert fit_script.main(["--resume", str(run), "--no-progress"]) == 0
     a, b = json.loads((finished_run / "metrics.json").read_text()), json.loads((run / "metrics.json").read_text())
-    assert a["steps"] == b["steps"] == 26
-    assert a["train_elbo"] == b["train_elbo"]  # the evaluation is seeded: the very same numbers
+    assert a["run"]["steps"] == b["run"]["steps"] == 26
+    assert a["quantities"]["train_elbo"] == b["quantities"]["train_elbo"]  # seeded evaluation: the same numbers
     assert (finished_run / "history.csv").read_bytes().split(b"\n")[1].split(b",")[:3] == \
         (run / "history.csv").read_bytes().split(b"\n")[1].split(b",")[:3]
 
@@ -618,7 +618,7 @@ def test_resume_with_a_smaller_budget_than_done_trains_nothing(finished_run, tmp
     same parameters (Lightning alone refuses a checkpoint past max_epochs)."""
     run = copy_run(finished_run, tmp_path)
     assert fit_script.main(["--resume", str(run), "--epochs", "1", "--no-progress"]) == 0
-    assert json.loads((run / "metrics.json").read_text())["steps"] == 26
+    assert json.loads((run / "metrics.json").read_text())["run"]["steps"] == 26
     assert_same_params(finished_run, run, tol=0.0)
 
 
@@ -860,7 +860,7 @@ def test_sigkill_at_random_points_of_fits_then_resume(forks, tmp_path):
     assert load_checkpoint(str(ck))["global_step"] == 10 * STEPS_PER_EPOCH
     assert not [f for f in os.listdir(run) if f.startswith(files.TMP_PREFIX) or f == runs.LOCK]
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (ref, run))
-    assert abs(a["train_elbo"]["mean"] - b["train_elbo"]["mean"]) < 1e-4  # same parameters, same seeded draws
+    assert abs(a["quantities"]["train_elbo"]["value"] - b["quantities"]["train_elbo"]["value"]) < 1e-4  # same draws
 
 
 # ============================================================================ --out and the lock
@@ -888,7 +888,7 @@ def test_live_run_locks_its_directory_until_killed(forks, tmp_path, capsys):
     assert (run / runs.LOCK).exists()  # a kill leaves the lock file, but not its flock
     step = load_checkpoint(str(run / CHECKPOINT))["global_step"]
     assert fit_script.main(["--resume", str(run), "--epochs", "1", "--no-progress"]) == 0
-    assert json.loads((run / "metrics.json").read_text())["steps"] == step  # taken over; nothing lost
+    assert json.loads((run / "metrics.json").read_text())["run"]["steps"] == step  # taken over; nothing lost
     assert not (run / runs.LOCK).exists()
 
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import run_elbolab
+from conftest import read_metrics, run_elbolab
 from elbolab.scripts import fit as fit_script
 from elbolab.scripts.cli import COMMANDS
 
@@ -30,20 +30,22 @@ def test_command_overview_and_unknown_command():
 def test_fit_ppca_writes_a_run(tmp_path):
     out = tmp_path / "run"
     code = fit_script.main(["--model", "ppca", "--latent-dim", "5", "--epochs", "15", "--lr", "0.03",
-                            "--out", str(out), "--no-progress"])
+                            "--batch-size", "100", "--out", str(out), "--no-progress"])
     assert code == 0
     for f in ("metrics.json", "history.csv", "checkpoint.ckpt", "loss_curve.png", "config.json"):
         assert (out / f).is_file(), f
     assert not (out / ".lock").exists()
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["steps"] == 15 * 13 and m["units"] == "nats per datapoint"
+    m = read_metrics(out)
+    q = m["quantities"]
+    assert m["run"]["steps"] == 15 * 13 and m["schema"] == "elbolab-metrics/1"
     # The ELBO is a lower bound of the exact log-likelihood at the same parameters:
     # allow 3 standard errors of the Monte Carlo ELBO mean.
-    assert m["train_elbo"]["mean"] <= m["train_log_likelihood"] + 3 * m["train_elbo"]["se"]
+    assert q["train_elbo"]["value"] <= q["train_log_likelihood"]["value"] + 3 * q["train_elbo"]["se"]
+    assert (q["train_elbo"]["bound"], q["train_log_likelihood"]["method"]) == ("lower", "exact")
     # and the exact log-likelihood cannot exceed the closed-form maximum (1e-6: float64 round-off)
-    assert m["train_log_likelihood"] <= m["mle_log_likelihood"] + 1e-6
+    assert q["train_log_likelihood"]["value"] <= q["mle_log_likelihood"]["value"] + 1e-6
     rows = (out / "history.csv").read_text().splitlines()
-    assert rows[0].startswith("step,epoch,loss") and len(rows) == 1 + 15 * 13
+    assert rows[0].startswith("step,epoch,train_bound") and len(rows) == 1 + 15 * 13
 
 
 def test_fit_user_csv(tmp_path):
@@ -53,7 +55,7 @@ def test_fit_user_csv(tmp_path):
     out = tmp_path / "run"
     assert fit_script.main(["--model", "ppca", "--data", str(tmp_path / "x.csv"), "--latent-dim", "2",
                             "--epochs", "3", "--out", str(out), "--no-progress"]) == 0
-    m = json.loads((out / "metrics.json").read_text())
+    m = read_metrics(out)
     assert m["data"]["n_train"] == 240 and m["data"]["data_dim"] == 6
 
 
@@ -94,7 +96,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert code == 2 and "not empty; pass --overwrite" in err
     assert (out / "metrics.json").read_text() == "precious"
     assert fit_script.main(["--out", str(out), "--epochs", "1", "--overwrite", "--no-progress"]) == 0
-    assert json.loads((out / "metrics.json").read_text())["steps"] == 13
+    assert read_metrics(out)["run"]["steps"] == 1  # PPCA's default batch: the whole training set
 
 
 def test_locked_run_dir_is_refused(tmp_path, capsys):

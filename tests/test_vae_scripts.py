@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import read_metrics
 
 from elbolab.scripts import evaluate as evaluate_script
 from elbolab.scripts import fit as fit_script
@@ -29,15 +30,16 @@ def gmvae_run(tmp_path_factory):
 
 
 def test_fit_vae_writes_likelihood_active_units_and_pictures(gmvae_run):
-    m = json.loads((gmvae_run / "metrics.json").read_text())
-    ll, same = m["test_log_likelihood"], m["test_importance"]
-    assert ll["n_samples"] == 40 and ll["n"] == 270 and ll["se"] > 0 and same["n_samples"] == 40
-    assert same["elbo"]["mean"] <= same["iwae"]["10"]["mean"] <= ll["mean"]  # same draws: row by row
-    assert same["iwae"]["1"]["mean"] == pytest.approx(same["elbo"]["mean"], abs=1e-9)
+    m = read_metrics(gmvae_run)
+    ll, same = m["quantities"]["test_log_likelihood"], m["diagnostics"]["test_importance"]
+    assert ll["K"] == 40 and ll["n"] == 270 and ll["se"] > 0 and ll["method"] == "importance"
+    assert same["elbo"]["value"] <= same["iwae"]["10"]["value"] <= ll["value"]  # same draws: row by row
+    assert same["iwae"]["1"]["value"] == pytest.approx(same["elbo"]["value"], abs=1e-9)
     assert sorted(same["iwae"], key=int) == ["1", "10"]  # the m = 10^i dividing K = 40
     # ELBO = recon - KL, each from float32 log densities: agreement to float32 round-off
-    assert same["elbo"]["mean"] == pytest.approx(same["recon"]["mean"] - same["kl"]["mean"], rel=1e-6)
-    assert m["test_active_units"]["latent_dim"] == 3 and 0 <= m["test_active_units"]["active_units"] <= 3
+    assert same["elbo"]["value"] == pytest.approx(same["recon"]["value"] - same["kl"]["value"], rel=1e-6)
+    au = m["diagnostics"]["test_active_units"]
+    assert au["latent_dim"] == 3 and 0 <= au["active_units"] <= 3
     assert m["config"]["eval"]["n_samples"] == 40
     for f in PICTURES:
         assert (gmvae_run / f).stat().st_size > 5000, f  # a real figure, not an empty file
@@ -50,7 +52,8 @@ def test_evaluate_rebuilds_the_run_and_never_touches_its_metrics(gmvae_run, caps
     # must give the same number from the checkpoint's parameters
     assert evaluate_script.main([str(gmvae_run), "--n-samples", "40", "--seed", "5"]) == 0
     ev = json.loads((gmvae_run / "evaluation.json").read_text())
-    assert ev["log_likelihood"]["mean"] == pytest.approx(m["test_log_likelihood"]["mean"], abs=1e-9)
+    assert ev["quantities"]["log_likelihood"]["value"] == pytest.approx(
+        m["quantities"]["test_log_likelihood"]["value"], abs=1e-9)
     assert ev["split"] == "test" and ev["n_samples"] == 40 and ev["active_units"]["latent_dim"] == 3
     assert (gmvae_run / "metrics.json").read_bytes() == before
     assert "log-likelihood (K = 40)" in capsys.readouterr().out
@@ -79,8 +82,8 @@ def test_per_datapoint_run_evaluates_training_rows_only(tmp_path, capsys):
     out = tmp_path / "pd"
     assert fit_script.main(["--model", "vae", "--guide", "per-datapoint", "--latent-dim", "2", "--hidden", "16",
                             "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
-    m = json.loads((out / "metrics.json").read_text())
-    assert "test_log_likelihood" not in m and "train_elbo" in m  # it cannot infer test rows
+    q = read_metrics(out)["quantities"]
+    assert "test_log_likelihood" not in q and "train_elbo" in q  # it cannot infer test rows
     code = evaluate_script.main([str(out), "--n-samples", "5"])
     err = capsys.readouterr().err
     assert code == 2 and "per-datapoint and cannot infer test rows; evaluate the train split" in err
@@ -92,12 +95,12 @@ def test_fit_ppca_reports_both_exact_and_importance_sampled_likelihood(tmp_path)
     out = tmp_path / "ppca"
     assert fit_script.main(["--model", "ppca", "--latent-dim", "4", "--epochs", "20", "--lr", "0.03",
                             "--n-samples", "200", "--out", str(out), "--no-progress"]) == 0
-    m = json.loads((out / "metrics.json").read_text())
-    exact, est = m["test_log_likelihood"], m["test_log_likelihood_is"]
-    assert isinstance(exact, float) and est["n_samples"] == 200
+    m = read_metrics(out)
+    exact, est = m["quantities"]["test_log_likelihood"], m["quantities"]["test_importance_log_likelihood"]
+    assert exact["method"] == "exact" and est["method"] == "importance" and est["K"] == 200
     # the estimate sits below the exact value in expectation (a bound) and within a few standard
     # errors of it (the standard error is over rows; the guide is near the exact posterior)
-    assert est["mean"] <= exact + 3 * est["se"] and est["mean"] >= exact - 3 * est["se"]
+    assert exact["value"] - 3 * est["se"] <= est["value"] <= exact["value"] + 3 * est["se"]
 
 
 def test_fit_vae_rejects_bad_model_flags(tmp_path, capsys):
