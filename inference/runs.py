@@ -150,6 +150,9 @@ class DataSpec:
                             val_fraction=self.val_fraction)
         if likelihood == "bernoulli":
             (check_unit_interval if data.binarize == "dynamic" else check_binary)(data.train, data.source)
+        elif likelihood == "continuous-bernoulli":
+            for rows in (data.train, data.val, data.test):
+                check_unit_interval(rows, data.source, "continuous-Bernoulli")
         return data
 
 
@@ -202,7 +205,11 @@ class RunSpec:
         return not is_reference(self.model)
 
     def likelihood(self) -> str | None:
-        return models.REGISTRY[self.model][1].likelihood if self.builtin else None
+        """The observation model of a built-in model (its Config's ``likelihood`` where it
+        has that field, else its class's), None for a user's."""
+        if not self.builtin:
+            return None
+        return self.model_config.get("likelihood", models.REGISTRY[self.model][1].likelihood)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "model_config": dict(self.model_config), "train": self.train.to_dict(),

@@ -137,14 +137,14 @@ def validate_matrix(arr, source: str) -> np.ndarray:
     return arr
 
 
-def check_unit_interval(x: torch.Tensor, source: str) -> None:
+def check_unit_interval(x: torch.Tensor, source: str, likelihood: str = "Bernoulli") -> None:
     if x.numel() == 0:  # an empty split (e.g. --val-fraction 0) has nothing to check
         return
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
         raise DataError(
-            f"{source}: a Bernoulli likelihood needs values in [0, 1], found [{lo:g}, {hi:g}];"
-            " rescale the data (and binarize it)"
+            f"{source}: a {likelihood} likelihood needs values in [0, 1], found [{lo:g}, {hi:g}];"
+            " rescale the data, or use the gaussian likelihood for real-valued data"
         )
 
 
@@ -156,7 +156,8 @@ def check_binary(x: torch.Tensor, source: str) -> None:
         n = int(nonbinary.sum())
         raise DataError(
             f"{source}: a Bernoulli likelihood needs binary data, found {n} value(s) strictly"
-            " between 0 and 1; pass --binarize threshold, static or dynamic"
+            " between 0 and 1; binarize them (threshold, static or dynamic), or use the continuous-bernoulli"
+            " likelihood for grey levels"
         )
 
 

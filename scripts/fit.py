@@ -116,8 +116,8 @@ def spec_from_args(args):
         if args.guide is not None:
             values["guide"] = args.guide
         config = models.config_to_dict(models.make_config(args.model, values))
-        spec = RunSpec(args.model, config, eval=evals)
-        spec = RunSpec(args.model, config, data=_cli.data_spec(args, spec.likelihood()), eval=evals)
+        likelihood = RunSpec(args.model, config).likelihood()  # the Config's: binarize only for Bernoulli
+        spec = RunSpec(args.model, config, data=_cli.data_spec(args, likelihood), eval=evals)
         family = args.model
     data = spec.data.load(spec.likelihood())
     defaults = models.train_defaults(family, data.n_train)

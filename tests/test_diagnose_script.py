@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import read_metrics
 
 from elbolab.inference import diagnostics as D
 from elbolab.scripts import diagnose as diagnose_script
@@ -90,11 +91,11 @@ def test_diagnose_writes_every_output_and_leaves_the_run_alone(runs, name):
 @pytest.mark.parametrize("name", ["ppca", "gmvae"])
 def test_fit_reports_pareto_k_for_its_importance_estimate(runs, name):
     run, _ = runs[name]
-    m = json.loads((run / "metrics.json").read_text())
-    key = "test_log_likelihood_is" if name == "ppca" else "test_log_likelihood"  # PPCA reports its exact one too
-    pk = m[key]["pareto_k"]
-    assert pk == m["test_importance"]["pareto_k"]
-    assert pk["n_rows"] == m["data"]["n_test"] == m[key]["n"] and pk["n_samples"] == 40
+    m = read_metrics(run)
+    est = m["quantities"]["test_importance_log_likelihood"]  # PPCA reports its exact one too
+    pk = m["diagnostics"]["test_pareto_k"]
+    assert est["pareto_k_share"] == pk["share_above_0.7"] and est["reliable"] == pk["reliable"]
+    assert pk["n_rows"] == m["data"]["n_test"] == est["n"] and pk["n_samples"] == 40 == est["K"]
     assert 0 <= pk["share_above_0.7"] <= pk["share_above_0.5"] <= 1
     assert pk["quantiles"]["0.5"] <= pk["quantiles"]["0.9"] <= pk["max"]
     assert pk["reliable"] == (pk["share_above_0.7"] <= D.MAX_UNRELIABLE_SHARE)
@@ -105,8 +106,9 @@ def test_evaluate_flags_its_estimate(runs, tmp_path, capsys):
     run, _ = runs["gmvae"]
     assert evaluate_script.main([str(run), "--n-samples", "30", "--out", str(tmp_path)]) == 0
     ev = json.loads((tmp_path / "evaluation.json").read_text())
-    pk = ev["log_likelihood"]["pareto_k"]
+    pk = ev["pareto_k"]
     assert pk["n_samples"] == 30 and pk["n_rows"] == ev["n_rows"]
+    assert ev["quantities"]["log_likelihood"]["pareto_k_share"] == pk["share_above_0.7"]
     assert D.reliability_note(pk) in capsys.readouterr().out
     assert (tmp_path / "evaluation_pareto_k.png").is_file()
 

@@ -282,7 +282,7 @@ def test_initialize_from_data_sets_what_it_says():
         want = torch.logit(xb.double().mean(0).clamp(MEAN_CLIP, 1 - MEAN_CLIP))
         assert torch.allclose(m.decoder[-1].bias.double(), want, rtol=1e-6)
         assert float(m.decoder[-1].bias.detach()[4]) == pytest.approx(math.log(MEAN_CLIP / (1 - MEAN_CLIP)), rel=1e-6)
-    assert not isinstance(models.build_model("ppca", {}, 6, 10), InitializesFromData)
+    assert isinstance(models.build_model("ppca", {}, 6, 10), InitializesFromData)  # PPCA: in the data's units
     with pytest.raises(UsageError, match="decoder_affine"):
         build("gaussian", 6, 10).decoder_affine()  # hidden layers: not affine
 

@@ -109,8 +109,29 @@ def test_fit_vae_rejects_bad_model_flags(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "elbolab fit: error: activation must be one of relu, elu, tanh, softplus, got 'gelu'"]
     assert fit_script.main(["--model", "vae", "--binarize", "none", "--out", str(out)]) == 2
-    assert "pass --binarize threshold, static or dynamic" in capsys.readouterr().err
+    assert "binarize them (threshold, static or dynamic)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_vae_likelihood_matches_the_data(tmp_path, capsys):
+    """Real-valued data with a Gaussian likelihood are used as they are (not binarized);
+    a continuous Bernoulli refuses values outside [0, 1] in one line."""
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", 10.0 + 5.0 * g.normal(size=(200, 6)))
+    out = tmp_path / "g"
+    assert fit_script.main(["--model", "vae", "--likelihood", "gaussian", "--hidden", "none", "--latent-dim", "2",
+                            "--data", str(tmp_path / "x.npy"), "--steps", "5", "--out", str(out),
+                            "--no-progress"]) == 0
+    m = read_metrics(out)
+    assert m["config"]["data"]["binarize"] == "none" and m["config"]["model_config"]["hidden"] == []
+    capsys.readouterr()
+    code = fit_script.main(["--model", "vae", "--likelihood", "continuous-bernoulli", "--data",
+                            str(tmp_path / "x.npy"), "--out", str(tmp_path / "cb")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "continuous-Bernoulli likelihood needs values in [0, 1]" in err[0]
+    assert not (tmp_path / "cb").exists()
 
 
 # ----------------------------------------------------------------------------- reproduction scripts
