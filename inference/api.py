@@ -93,7 +93,7 @@ def fit(model, guide=None, *args, objective: str = "elbo", num_particles: int = 
         given.setdefault("epochs", None)
     if "lr" in given and "lr_final" not in given:
         given["lr_final"] = None
-    settings = {**models.train_defaults(family, n), **given}
+    settings = {**models.train_defaults(family, n, getattr(wm, "config", None) if family else None), **given}
     settings["batch_size"] = min(settings["batch_size"], n)
     config = TrainConfig(objective=objective, n_particles=num_particles, alpha=alpha, seed=seed, progress=progress,
                          threads=threads, **settings)

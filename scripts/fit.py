@@ -120,7 +120,7 @@ def spec_from_args(args):
         spec = RunSpec(args.model, config, data=_cli.data_spec(args, likelihood), eval=evals)
         family = args.model
     data = spec.data.load(spec.likelihood())
-    defaults = models.train_defaults(family, data.n_train)
+    defaults = models.train_defaults(family, data.n_train, config if family else None)
     if "steps" in given or "epochs" in given:  # a budget given: the defaults' budget does not apply
         defaults.pop("steps", None)
         defaults["epochs"] = None if "steps" in given else defaults.get("epochs")
