@@ -40,7 +40,8 @@ from elbolab.inference.runs import (ARGUMENTS, CONFIG, FROM_PYTHON, METRICS, PYT
 from elbolab.inference.train import FitResult, fit as train_fit
 from elbolab.inference.train_config import TrainConfig
 from elbolab.inference.usermodel import UserModel
-from elbolab.models.datasources import DataSplits
+from elbolab.models.datasources import DataSplits, check_binary, check_unit_interval
+from elbolab.models.errors import DataError
 from elbolab import models
 from elbolab.models.protocol import InitializesFromData, Model
 
@@ -56,6 +57,7 @@ def _workbench_model(model, guide, args, kwargs, plate: str):
             raise UsageError(f"{type(model).__name__} is fit to a matrix of rows (N, D): elbolab.fit(model, x)")
         if int(rows.shape[0]) != int(model.n_data):
             raise UsageError(f"{type(model).__name__} was built for {model.n_data} rows; x has {rows.shape[0]}")
+        check_rows(model, rows, "x")
         return model, rows, None
     if guide is None:
         raise UsageError("fit(model, guide, *args): give the guide (an AutoGuide such as "
@@ -63,6 +65,24 @@ def _workbench_model(model, guide, args, kwargs, plate: str):
     um = UserModel(model, guide, args, kwargs, plate)
     um.prepare()
     return um, um.rows, {"args": list(args), "kwargs": dict(kwargs)}
+
+
+def check_rows(model, x: torch.Tensor, name: str) -> None:
+    """Refuse rows a built-in model cannot score: a value that is not finite, a width
+    other than the model's, values outside {0, 1} for a Bernoulli decoder or outside
+    [0, 1] for a continuous Bernoulli one (DataError naming ``name``)."""
+    if x.dim() != 2 or int(x.shape[1]) != int(model.data_dim):
+        raise DataError(f"{name}: {type(model).__name__} scores rows of {model.data_dim} columns; "
+                        f"got shape {tuple(x.shape)}")
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        r, c = (int(i) for i in bad.nonzero()[0])
+        raise DataError(f"{name}: {int(bad.sum())} non-finite value(s); first at row {r}, column {c}")
+    likelihood = getattr(model, "likelihood", None)
+    if likelihood == "bernoulli":
+        check_binary(x, name)
+    elif likelihood == "continuous-bernoulli":
+        check_unit_interval(x, name, "continuous-Bernoulli")
 
 
 def fit(model, guide=None, *args, objective: str = "elbo", num_particles: int = 1, steps: int | None = None,
@@ -148,6 +168,7 @@ class Run:
         if isinstance(self.model, UserModel):
             return self.model.pack(*args, **kwargs)
         if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            check_rows(self.model, args[0], "x")
             return args[0]
         raise UsageError(f"{type(self.model).__name__} evaluates a matrix of rows: run.evaluate(x)")
 
@@ -157,12 +178,12 @@ class Run:
         error:
 
         * a model whose latents are per row: the importance-sampled log-likelihood
-          (K = ``num_samples`` draws per row) with the Pareto k of each row's weights, and
-          the ELBO from the same draws: {"log_likelihood": {"mean", "se", "n", "pareto_k",
-          "reliable"}, "elbo": {...}};
+          (K = ``num_samples`` draws per row) and the ELBO from the same draws, each a
+          quantity of the metrics schema ({"value", "se", "n", "method", "K", "bound",
+          ...}), with the Pareto k of each row's weights summarized under "pareto_k";
         * a model with global latents (a regression's weights): the posterior predictive
           log density of each row, log (1/S) sum_s p(x_i | theta_s) with S = ``num_samples``
-          draws theta_s from the guide (fit to the training rows): {"log_predictive": {...}}.
+          draws theta_s from the guide (fit to the training rows), under "log_predictive".
         """
         x = self.rows(args, kwargs)
         rows = None

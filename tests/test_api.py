@@ -297,3 +297,25 @@ def test_compare_guides_on_a_user_model():
     assert "test" not in out["auto-normal"]  # no held-out rows given
     # the second fit started from the first's initial W, not from where the first ended
     assert not torch.equal(pyro.param("W").detach(), W_initial)
+
+
+def test_a_built_in_model_refuses_rows_it_cannot_score():
+    """elbolab.fit and Run.evaluate check a built-in model's rows as the command line
+    does: grey levels for a Bernoulli decoder, values outside [0, 1] for a continuous
+    Bernoulli one, a NaN, a wrong width; each one line naming the problem."""
+    g = torch.Generator().manual_seed(0)
+    grey = torch.rand(40, 6, generator=g)
+    vae = lambda likelihood: elbolab.models.VAE(elbolab.models.VAEConfig(latent_dim=2, hidden=(8,),
+                                                                         likelihood=likelihood), 6, 40)
+    with pytest.raises(UsageError, match="0 and 1|binar"):
+        elbolab.fit(vae("bernoulli"), grey, steps=1)
+    with pytest.raises(UsageError, match=r"\[0, 1\]|continuous"):
+        elbolab.fit(vae("continuous-bernoulli"), grey * 3 - 1, steps=1)
+    nan = grey.clone()
+    nan[3, 4] = float("nan")
+    with pytest.raises(UsageError, match="row 3, column 4"):
+        elbolab.fit(vae("gaussian"), nan, steps=1)
+    run = elbolab.fit(vae("continuous-bernoulli"), grey, steps=2, progress=False)
+    with pytest.raises(UsageError, match="6 columns"):
+        run.evaluate(torch.rand(5, 7), num_samples=4)
+    assert math.isfinite(run.evaluate(grey[:5], num_samples=4)["log_likelihood"]["value"])
