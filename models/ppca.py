@@ -327,7 +327,7 @@ def principal_directions(x: torch.Tensor, k: int, exact_up_to: int = 2000) -> tu
         U, sv, _ = torch.svd_lowrank(x.T, q=min(k + 10, d, n), niter=4)
         evals, U = sv[:k] ** 2 / n, U[:, :k]
     sign = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))
-    return U * sign, evals
+    return (U * sign).contiguous(), evals
 
 
 def mle(x: torch.Tensor, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -204,7 +204,7 @@ def test_bad_files(tmp_path):
 
 def test_bernoulli_checks():
     grey = torch.tensor([[0.0, 0.5], [1.0, 1.0]])
-    with pytest.raises(DataError, match="pass --binarize"):
+    with pytest.raises(DataError, match="binarize them"):
         loaders.check_binary(grey, "x.npy")
     with pytest.raises(DataError, match=r"values in \[0, 1\]"):
         loaders.check_binary(torch.tensor([[2.0]]), "x.npy")
