@@ -121,8 +121,13 @@ def fit(model, guide=None, *args, objective: str = "elbo", num_particles: int = 
         wm.initialize_from_data(rows)
     empty = rows[:0]
     data = DataSplits("data", rows, empty, empty, source="arguments")
-    spec = RunSpec(PYTHON, {"plate": plate}, config, DataSpec(FROM_PYTHON), EvalSpec(n_samples=num_samples)) \
-        if saved is not None else None
+    spec = None
+    if saved is not None:
+        spec = RunSpec(PYTHON, {"plate": plate}, config, DataSpec(FROM_PYTHON), EvalSpec(n_samples=num_samples))
+    elif family is not None:  # a built-in model: its config rebuilds it, the rows are saved with it
+        spec = RunSpec(family, models.config_to_dict(wm.config), config, DataSpec(FROM_PYTHON),
+                       EvalSpec(n_samples=num_samples))
+        saved = {"args": [rows], "kwargs": {}}
     run_dir = RunDir(out, overwrite=overwrite) if out is not None else None
     if run_dir is not None:
         run_dir.check()
@@ -217,7 +222,8 @@ class Run:
         history.csv (and the data arguments of a user's model). Refused if ``path`` holds
         files, unless ``overwrite``."""
         if self.spec is None:
-            raise UsageError("this run has no spec to save (a built-in model fit from Python: use elbolab fit)")
+            raise UsageError("this run has no spec to save (a model class of elbolab's subclassed: save its "
+                             "state_dict, or fit it as a model function with its guide)")
         with RunDir(path, overwrite=overwrite) as run_dir:
             save_json({**self.spec.to_dict(), "data_info": self.data.describe()}, run_dir.file(CONFIG))
             state = {"state_dict": {"model." + k: v for k, v in self.model.state_dict().items()},

@@ -521,13 +521,14 @@ def read_run(run_dir: str, model=None, guide=None) -> LoadedRun:
     (``elbolab.fit``) needs its ``model`` and ``guide`` again; its data arguments were
     saved with it."""
     spec = RunSpec.read(run_dir)
-    if spec.model == PYTHON:
-        if model is None or guide is None:
-            raise UsageError(f"{run_dir}: a run fit from Python; give its model and guide to load it")
+    if spec.data.dataset == FROM_PYTHON:
         arguments = load_checkpoint(os.path.join(run_dir, ARGUMENTS))
         if not isinstance(arguments, dict) or not isinstance(arguments.get("args"), list) \
                 or not isinstance(arguments.get("kwargs"), dict):
             raise UsageError(f"{run_dir}/{ARGUMENTS}: not the data arguments of a run")
+    if spec.model == PYTHON:
+        if model is None or guide is None:
+            raise UsageError(f"{run_dir}: a run fit from Python; give its model and guide to load it")
         wm = UserModel(model, guide, tuple(arguments["args"]), arguments["kwargs"],
                        spec.model_config.get("plate", DATA_PLATE))
         wm.prepare()
@@ -538,7 +539,13 @@ def read_run(run_dir: str, model=None, guide=None) -> LoadedRun:
         return LoadedRun(run_dir, spec, data, wm, step)
     if model is not None or guide is not None:
         raise UsageError(f"{run_dir}: its model is {spec.model}, rebuilt from its config.json; give no model")
-    data = spec.data.load(spec.likelihood())
+    if spec.data.dataset == FROM_PYTHON:  # a built-in model fit from Python: its rows were saved
+        rows = arguments["args"][0] if len(arguments["args"]) == 1 else None
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
+            raise UsageError(f"{run_dir}/{ARGUMENTS}: not the rows of a built-in model's run")
+        data = DataSplits("data", rows, rows[:0], rows[:0], source="arguments")
+    else:
+        data = spec.data.load(spec.likelihood())
     model = build_model(spec, data)
     with torch.no_grad():  # a warm-up pass creates any lazily built parameters
         model.guide(data.train[:1])
@@ -747,7 +754,9 @@ def evaluate_split(run: LoadedRun, split: str = "test", n_samples: int = 5000, s
         raise UsageError(f"{run.path}: the run's guide is per-datapoint and cannot infer {split} rows; "
                          "evaluate the train split")
     if x.shape[0] == 0:
-        raise UsageError(f"{run.path}: the {split} split has no rows")
+        hint = " (a run fit from Python keeps only its training rows: evaluate the train split, or new rows " \
+               "with Run.evaluate)" if run.spec.data.dataset == FROM_PYTHON else ""
+        raise UsageError(f"{run.path}: the {split} split has no rows{hint}")
     if max_rows is not None:
         x = x[:max_rows]
         rows = None if rows is None else rows[:max_rows]
