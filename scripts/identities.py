@@ -1,4 +1,4 @@
-"""The course notes' identities (../shared/seeds/*.txt), each a function that measures
+"""The course notes' variational-inference identities, each a function that measures
 both sides and returns :class:`Row` objects: the statement, its seed, the left and
 right sides, their difference, the standard error of a Monte Carlo side (``None``
 when both sides are exact), the tolerance used and whether the statement holds.
@@ -9,7 +9,7 @@ round-off and is stated with its reason in each function):
 * ``=``:  |d| <= tol            * ``<=``: d <= tol      * ``>=``: d >= -tol
 * ``<``:  d < -tol (significantly smaller)    * ``>``: d > tol (significantly larger)
 
-Rows, by the numbering of issue 7:
+Rows:
 
 1. marginalization of the notes' eye-colour table, exact (enumeration) and naive MC;
    the table's printed marginals are checked against its cells;
@@ -134,7 +134,7 @@ def _mean_se(v: torch.Tensor) -> tuple[float, float]:
 
 NATIONALITIES = ("Dutch", "Greek", "Chinese", "Indian", "Italian", "German", "US", "Spanish")
 EYE_COLOURS = ("brown", "blue", "green")
-# p(x = colour, z = nationality) as printed in seed 002 (rows: colours, columns: nationalities)
+# p(x = colour, z = nationality) as printed in the course notes (rows: colours, columns: nationalities)
 EYE_TABLE = (
     (0.02, 0.03, 0.02, 0.01, 0.07, 0.03, 0.01, 0.00),  # brown
     (0.09, 0.01, 0.03, 0.03, 0.08, 0.04, 0.03, 0.06),  # blue
@@ -150,7 +150,7 @@ def eye_joint(table: Sequence[Sequence[float]] = EYE_TABLE) -> torch.Tensor:
     """The table as a joint distribution p(x, z) (3, 8): the cells divided by their sum.
 
     The cells are the data; the printed marginals are a summary of them. The cells of
-    seed 002 sum to 0.99, not 1, so they are normalized (every p(x, z) scaled by 1/0.99):
+    the notes' table sum to 0.99, not 1, so they are normalized (every p(x, z) scaled by 1/0.99):
     the only way to make them a distribution without inventing which cell is wrong.
     """
     t = torch.tensor(table, dtype=F64)
@@ -845,7 +845,7 @@ def reparameterization_vs_score(model_fn: Callable, guide_fn: Callable, params: 
                                 n_groups: int = 40, n_particles: int = 10, max_plate_nesting: int = 1,
                                 seed: int = 0) -> list[Row]:
     """The variance of the reparameterization and score-function estimators of the same ELBO
-    gradient (seed 003's question), as a ratio Var[score] / Var[reparam] (traces of the
+    gradient (the notes' question), as a ratio Var[score] / Var[reparam] (traces of the
     covariance of a single-sample estimate). With ``exact`` (the true gradient) also one
     row per estimator checking that it is unbiased: the projection <mean estimate, g>/|g|^2
     must be 1 within 3 standard errors (keys: unbiased-reparam, unbiased-score, ratio);
@@ -988,7 +988,7 @@ def ml_minimizes_forward_kl(train: torch.Tensor, latent_dim: int = 5, n_small: i
 
 
 def mixture_prior(n_components: int = 5, dim: int = 2, seed: int = 0) -> dist.MixtureSameFamily:
-    """p(z) = 1/k sum_i N(mu_i, diag(sigma_i^2)) (seed 003's GMVAE prior): means N(0, 2^2 I),
+    """p(z) = 1/k sum_i N(mu_i, diag(sigma_i^2)) (the notes' GMVAE prior): means N(0, 2^2 I),
     scales uniform on [0.5, 1.5], from a fixed generator."""
     g = torch.Generator().manual_seed(1000 + seed)
     locs = 2.0 * torch.randn(n_components, dim, generator=g, dtype=F64)
@@ -1023,7 +1023,7 @@ def single_sample_kl(q: dist.Normal, prior, z: torch.Tensor) -> torch.Tensor:
 def mixture_kl_unbiased(n_samples: int = 100000, n_components: int = 5, n_grid: int = 801, seed: int = 0,
                         estimator: Callable = single_sample_kl) -> list[Row]:
     """8: the single-sample estimator log q(z) - log p(z), z ~ q, of KL(q || mixture prior)
-    (seed 003) is unbiased: its mean over ``n_samples`` draws against a quadrature
+    (as the notes state) is unbiased: its mean over ``n_samples`` draws against a quadrature
     reference, with its variance (empirical against quadrature) in the details.
     ``estimator(q, prior, z) -> (n,)`` can be swapped (e.g. for a biased one, in tests)."""
     pyro.set_rng_seed(seed)

@@ -1,4 +1,4 @@
-"""The Bayesian Gaussian against its closed forms (issue 3, seed 004).
+"""The Bayesian Gaussian against its closed forms.
 
 Maximum likelihood is the moment match; the conjugate posteriors (Normal-Wishart,
 Normal-Gamma, known scale) satisfy Bayes' rule exactly; the structured guide at the

