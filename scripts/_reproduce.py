@@ -19,15 +19,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MNIST = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "mnist"))
 
 
-def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
-    p.add_argument("--data-dir", metavar="DIR", default=DEFAULT_MNIST,
-                   help="MNIST IDX files (train-images-idx3-ubyte[.gz], ...)")
-    p.add_argument("--out", metavar="DIR", default=out, help="where table.md, metrics.json and one run per model go")
+def add_common_args(p: argparse.ArgumentParser, out: str, *, data_dir: bool = True,
+                    out_help: str = "where table.md, metrics.json and one run per model go",
+                    finished: str = "metrics.json") -> None:
+    if data_dir:
+        p.add_argument("--data-dir", metavar="DIR", default=DEFAULT_MNIST,
+                       help="MNIST IDX files (train-images-idx3-ubyte[.gz], ...)")
+    p.add_argument("--out", metavar="DIR", default=out, help=out_help)
     p.add_argument("--threads", type=_cli.positive_int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="random seed of every run")
     p.add_argument("--overwrite", action="store_true", help="retrain every run in a non-empty --out")
     p.add_argument("--reuse", action="store_true",
-                   help="keep the runs in --out that finished (their metrics.json exists); train the others")
+                   help=f"keep the runs in --out that finished (their {finished} exists); train the others")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
 

@@ -21,6 +21,7 @@ COMMANDS = {
     "bench-distributed": ("bench_distributed", "1 against 2 data-parallel processes"),
     "reproduce-cs236": ("reproduce_cs236", "the Stanford CS236 VAE / GMVAE table on MNIST"),
     "reproduce-iwae": ("reproduce_iwae", "the IWAE paper's Table 1 pattern on MNIST"),
+    "reproduce-greylevel": ("reproduce_greylevel", "grey-level MNIST / Fashion-MNIST: VAE likelihoods beside PPCA"),
 }
 
 
