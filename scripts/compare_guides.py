@@ -69,6 +69,7 @@ from elbolab.inference.guides import LocalGuide, PerDatapointGuide, SemiAmortize
 from elbolab.inference.train import fit
 from elbolab.inference.train_config import TrainConfig, check_config_for_data
 from elbolab.inference.runs import RunDir, is_reference, user_model
+from elbolab.models.datasources import DataSplits
 from elbolab.scripts import _cli
 
 PROG = "elbolab compare-guides"
@@ -201,7 +202,7 @@ class Subject:
     always from the same initial parameters."""
 
     key: str
-    data: object
+    data: DataSplits
     train: TrainConfig
     guides: tuple[str, ...]
     config: dict
@@ -316,6 +317,7 @@ def user_subject(args) -> Subject:
 
     def build(guide: str):
         um.load_state_dict(initial)  # every guide starts from the parameters the model was built with
+        torch.manual_seed(args.seed)  # and a guide's own parameters (a flow's) from the same seed
         return wrap(um, guide, args)
 
     config = {"model": args.model, "guide": args.guide or "its own", "plate": plate}
@@ -503,6 +505,10 @@ def gap_chart(results: dict, path: str, title: str) -> None:
                 if np.isfinite(v):
                     ax.annotate(f"{v:.2f}", (xo, v + e), textcoords="offset points", xytext=(0, 2),
                                 ha="center", fontsize=6)
+        tops = [s["inference_gap"]["mean"] + 2 * s["inference_gap"]["se"]
+                for g in guides for s in results[fam]["guides"][g].values() if isinstance(s, dict) and "inference_gap" in s]
+        if tops and max(tops) > 0:
+            ax.set_ylim(top=1.4 * max(tops))  # room for the legend above the bars
         ax.set_xticks(xs)
         ax.set_xticklabels(guides, rotation=25, ha="right", fontsize=8)
         ax.axhline(0, color="0.3", lw=0.8)
