@@ -470,9 +470,10 @@ def family_lines(key: str, res: dict, data_name: str, n_samples: int, ais: AISSe
     for guide, r in res["guides"].items():
         t = r["training"]
         test = r.get("test")
+        infer = "—" if test is None else seconds(test["inference_seconds_per_row"]) + (
+            "" if test["inference"] == "guide" else " (local optimization)")
         lines.append(f"| {guide} | {t['steps']} | {t['seconds']:.1f} | {t['final_train_loss']:.3f} | "
-                     f"{pm(test['elbo']) if test else '—'} | "
-                     f"{seconds(test['inference_seconds_per_row']) + ('' if test['inference'] == 'guide' else ' (local optimization)') if test else '—'} |")
+                     f"{pm(test['elbo']) if test else '—'} | {infer} |")
     return lines + [""]
 
 
@@ -505,8 +506,8 @@ def gap_chart(results: dict, path: str, title: str) -> None:
                 if np.isfinite(v):
                     ax.annotate(f"{v:.2f}", (xo, v + e), textcoords="offset points", xytext=(0, 2),
                                 ha="center", fontsize=6)
-        tops = [s["inference_gap"]["mean"] + 2 * s["inference_gap"]["se"]
-                for g in guides for s in results[fam]["guides"][g].values() if isinstance(s, dict) and "inference_gap" in s]
+        tops = [s["inference_gap"]["mean"] + 2 * s["inference_gap"]["se"] for g in guides
+                for s in results[fam]["guides"][g].values() if isinstance(s, dict) and "inference_gap" in s]
         if tops and max(tops) > 0:
             ax.set_ylim(top=1.4 * max(tops))  # room for the legend above the bars
         ax.set_xticks(xs)

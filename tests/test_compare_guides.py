@@ -12,7 +12,7 @@ import torch
 from elbolab.scripts import compare_guides
 
 TINY = ["--epochs", "1", "--n-rows", "20", "--n-samples", "50", "--local-window", "10", "--local-patience", "1",
-        "--local-max-steps", "100", "--semi-steps", "2", "--bdmc-rows", "10", "--threads", "1"]
+        "--local-max-steps", "100", "--semi-steps", "2", "--ais-steps", "10", "--bdmc-rows", "10", "--threads", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -89,8 +89,8 @@ def test_ais_always_and_never(tmp_path):
     got = {}
     for when in ("always", "never"):
         out = tmp_path / when
-        assert compare_guides.main(["--model", "vae", "--guides", "amortized", "--ais", when, "--ais-steps", "10",
-                                    *TINY, "--out", str(out)]) == 0
+        argv = ["--model", "vae", "--guides", "amortized", "--ais", when, *TINY, "--out", str(out)]
+        assert compare_guides.main(argv) == 0
         m = _check_run(out, ("vae",), 20, {"vae": ("amortized",)})
         got[when] = m["models"]["vae"]["guides"]["amortized"]
     for split in ("train", "test"):
