@@ -12,7 +12,8 @@ import torch
 from elbolab.scripts import compare_guides
 
 TINY = ["--epochs", "1", "--n-rows", "20", "--n-samples", "50", "--local-window", "10", "--local-patience", "1",
-        "--local-max-steps", "100", "--semi-steps", "2", "--ais-steps", "10", "--bdmc-rows", "10", "--threads", "1"]
+        "--local-max-steps", "50", "--semi-steps", "2", "--ais-steps", "5", "--ais-chains", "4", "--bdmc-rows", "5",
+        "--threads", "1"]
 
 
 @pytest.fixture(autouse=True)
