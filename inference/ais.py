@@ -64,7 +64,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pyro
 import torch
@@ -327,6 +327,32 @@ def _check(steps, chains, leapfrog, step_size, target_acceptance, adapt_rate, pi
         raise UsageError(f"AIS init must be one of {', '.join(INITS)}, got {init!r}")
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What one AIS estimate costs: ``steps`` (T) increments of beta, ``chains`` (M) chains
+    per row, ``leapfrog`` (L) leapfrog steps per HMC transition; about T L evaluations of
+    the model with gradients for M (+ pilots) chains per row. The other settings of
+    :func:`ais_log_likelihood` keep their defaults. Checked on construction."""
+
+    steps: int = 200
+    chains: int = 16
+    leapfrog: int = 5
+
+    def __post_init__(self):
+        for name in ("steps", "chains", "leapfrog"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise UsageError(f"AIS {name} must be an integer >= 1, got {v}")
+
+    def kwargs(self) -> dict:
+        """The budget as keyword arguments of :func:`ais_log_likelihood` and :func:`bdmc`."""
+        return {"steps": int(self.steps), "chains": int(self.chains), "leapfrog": int(self.leapfrog)}
+
+    def label(self) -> str:
+        """'T = 50, M = 8, L = 5' for a table."""
+        return f"T = {self.steps}, M = {self.chains}, L = {self.leapfrog}"
+
+
 def _run(model, x: torch.Tensor, rows: torch.Tensor | None, z_start: torch.Tensor | None,
          step_sizes: torch.Tensor | None, *, steps: int, chains: int, leapfrog: int, schedule_kind, init: str,
          step_size: float, target_acceptance: float, adapt_rate: float, pilot_chains: int, seed: int,
@@ -488,18 +514,33 @@ class BDMCResult:
 def bdmc(model, n_rows: int, *, steps: int = 200, chains: int = 16, leapfrog: int = 5,
          schedule: str | Sequence[float] = "sigmoid", init: str = "prior", step_size: float = 0.1,
          target_acceptance: float = 0.65, adapt_rate: float = 0.5, pilot_chains: int = 4, seed: int = 0,
-         max_elements: int = MAX_ELEMENTS) -> BDMCResult:
+         max_elements: int = MAX_ELEMENTS, proposal: Callable[[torch.Tensor], object] | None = None) -> BDMCResult:
     """Bidirectional Monte Carlo (Grosse et al. 2015): ``n_rows`` rows simulated from the
     model (:func:`simulate`), forward AIS on them (a stochastic lower bound of each log
     p(x_i)) and reverse AIS from the z_i they were drawn with (a stochastic upper bound).
     The true log p(x_i) lies between the two in expectation; their gap bounds either's
     error on data like the model's own. Same settings for both directions (``init``:
     the path's base, the prior by default: the guide may not know simulated rows); the
-    reverse run takes the forward run's adapted step sizes, transition for transition."""
+    reverse run takes the forward run's adapted step sizes, transition for transition.
+
+    ``proposal``: a function of the simulated rows x (N, D) returning a model with the
+    same generative part whose guide covers those rows as rows 0..N-1 (e.g. a per-row
+    optimum fitted to them, ``inference.guides.optimize_local(model, x).model``); both
+    directions then start from that guide (``init`` must be "guide"), so the gap
+    measures the AIS one would run from such a guide on real rows. It is called under
+    the seed ``seed + 3``; the caller's random-number stream is left as it was."""
+    if proposal is not None and init != "guide":
+        raise UsageError(f"a BDMC proposal is the path's base: init must be 'guide', got {init!r}")
     x, z = simulate(model, n_rows, seed)
+    rows = None
+    if proposal is not None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 3)
+            model = proposal(x)
+        rows = torch.arange(int(x.shape[0]))
     kw = dict(steps=steps, chains=chains, leapfrog=leapfrog, schedule=schedule, init=init, step_size=step_size,
               target_acceptance=target_acceptance, adapt_rate=adapt_rate, pilot_chains=pilot_chains,
               max_elements=max_elements)
-    fwd = ais_log_likelihood(model, x, seed=seed + 1, **kw)
-    rev = reverse_ais(model, x, z, step_sizes=fwd.step_sizes, seed=seed + 2, **kw)
+    fwd = ais_log_likelihood(model, x, rows, seed=seed + 1, **kw)
+    rev = reverse_ais(model, x, z, rows, step_sizes=fwd.step_sizes, seed=seed + 2, **kw)
     return BDMCResult(x, z, fwd, rev)

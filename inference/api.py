@@ -177,28 +177,45 @@ class Run:
             return args[0]
         raise UsageError(f"{type(self.model).__name__} evaluates a matrix of rows: run.evaluate(x)")
 
-    def evaluate(self, *args, num_samples: int = 1000, seed: int = 0, **kwargs) -> dict:
+    def evaluate(self, *args, num_samples: int = 1000, seed: int = 0, estimator: str = "is", steps: int = 200,
+                 chains: int = 16, leapfrog: int = 5, **kwargs) -> dict:
         """Held-out rows (``args`` / ``kwargs``: data with the training data's layout; none:
         the training rows), nats per datapoint, each a mean over rows with its standard
         error:
 
         * a model whose latents are per row: the importance-sampled log-likelihood
-          (K = ``num_samples`` draws per row) and the ELBO from the same draws, each a
-          quantity of the metrics schema ({"value", "se", "n", "method", "K", "bound",
-          ...}), with the Pareto k of each row's weights summarized under "pareto_k";
+          (K = ``num_samples`` draws per row) with the Pareto k of each row's weights, and
+          the ELBO from the same draws: {"log_likelihood": quantity, "elbo": quantity,
+          "pareto_k": summary} (a quantity: ``inference.metrics``'s shape, {"value", "se",
+          "n", "method", "K", ...}); with ``estimator="ais"``, annealed importance sampling
+          from the guide instead (one local latent per row; ``steps`` T, ``chains`` M,
+          ``leapfrog`` L; ``inference.ais``): {"log_likelihood": quantity (method "ais",
+          K = M), "ais": {"steps", "chains", "leapfrog", "mc_se" (the Monte Carlo standard
+          error of the mean over the chains)}};
         * a model with global latents (a regression's weights): the posterior predictive
           log density of each row, log (1/S) sum_s p(x_i | theta_s) with S = ``num_samples``
           draws theta_s from the guide (fit to the training rows), under "log_predictive".
         """
+        from elbolab.inference.ais import Budget, ais_log_likelihood
+
+        if estimator not in ("is", "ais"):
+            raise UsageError(f"estimator must be 'is' or 'ais', got {estimator!r}")
         x = self.rows(args, kwargs)
         rows = None
         if x is None:
             x, rows = self.data.train, torch.arange(self.data.n_train)
         local, glob = traces.latent_names(self.model, self.data.train[:2], torch.arange(min(2, self.data.n_train)))
         if glob and not local:
+            if estimator == "ais":
+                raise UsageError("estimator='ais' anneals a latent per row; this model's latents are global")
             lp = log_predictive(self.model, self.data.train, x, num_samples, seed)
             return {"log_predictive": from_estimate(lp, method="monte-carlo", K=num_samples, bound="lower"),
                     "units": UNITS}
+        if estimator == "ais":
+            budget = Budget(steps, chains, leapfrog)
+            r = ais_log_likelihood(self.model, x, rows, seed=seed, **budget.kwargs())
+            return {"log_likelihood": from_estimate(r.log_likelihood, method="ais", K=budget.chains, bound="lower"),
+                    "ais": {**budget.kwargs(), "mc_se": r.mc_se_of_mean}, "units": UNITS}
         pareto = ParetoK()
         est = test_log_likelihood(self.model, x, num_samples, seed, rows, pareto=pareto)
         return {"log_likelihood": from_estimate(est["log_likelihood"], method="importance", K=num_samples,
@@ -282,15 +299,17 @@ def importance_log_likelihood(model, guide, *args, num_samples: int = 1000, seed
 
 def compare_guides(model, guides: dict, *args, heldout: tuple | None = None, n_rows: int = 100,
                    num_samples: int = 1000, local=None, seed: int = 0, plate: str = traces.DATA_PLATE,
-                   fit_options: dict | None = None, **kwargs) -> dict:
+                   fit_options: dict | None = None, ais=None, **kwargs) -> dict:
     """Train ``model`` with each guide of ``guides`` (name -> guide) from the same initial
     parameters, and decompose each guide's inference gap on ``n_rows`` training rows (and
     held-out rows: ``heldout``, a tuple of arguments with the training data's layout):
     inference gap log p(x) - L[q] = approximation gap log p(x) - L[q*] + amortization gap
     L[q*] - L[q], q* the per-row optimum of the guide's Gaussian family (Cremer, Li &
-    Duvenaud 2018). Needs one local latent per row. Returns {name: {"run": Run, "train":
+    Duvenaud 2018). Needs one local latent per row. ``ais``: an
+    ``inference.compare.AISSettings`` (default: its defaults, AIS where importance
+    sampling is unreliable, checked by BDMC). Returns {name: {"run": Run, "train":
     numbers, "test": numbers}} (numbers: ``inference.compare.study``'s)."""
-    from elbolab.inference.compare import LocalSettings, eval_rows, study
+    from elbolab.inference.compare import AISSettings, LocalSettings, eval_rows, study
 
     if not isinstance(guides, dict) or not guides:
         raise UsageError("guides must be a dict of name -> guide")
@@ -313,7 +332,8 @@ def compare_guides(model, guides: dict, *args, heldout: tuple | None = None, n_r
             test = run.model.pack(*heldout)
             data = DataSplits("data", data.train, data.val, test, source="arguments")
         splits = eval_rows(data, n_rows, seed)
-        out[name] = {"run": run, **study(run.model, data.train, splits, num_samples, local, seed=seed)}
+        out[name] = {"run": run, **study(run.model, data.train, splits, num_samples, local, seed=seed,
+                                         ais=AISSettings() if ais is None else ais)}
     return out
 
 

@@ -40,19 +40,37 @@ weights it came from (``inference.diagnostics.ParetoK``), and ``reliable``:
 * ``amortization_gap``: L[q*] - L[q], no log p(x): reliable.
 
 ``reliable`` of the whole result: every quantity's flag.
+
+Annealed importance sampling. Given an AIS budget (``ais``), log p(x) is estimated by
+AIS (``inference.ais``, Neal 2001) instead when the importance-sampled one is flagged
+unreliable (or always, ``ais_when="always"``): each row's estimate from M chains
+annealed from q* (the best proposal at hand) to the posterior, a stochastic lower bound
+like IWAE but one that tightens with the number of steps rather than with the tail of
+q*'s weights. The IS estimate stays beside it (``log_likelihood_is``, with its Pareto
+k), with their paired difference (``ais_minus_is``). An AIS estimate has no Pareto k of
+its own (a few chains per row are too few for a tail fit); its ``reliable`` flag comes
+from ``vouch``, a check of the same AIS on data with a known answer: bidirectional Monte
+Carlo on rows simulated from the model (``inference.compare`` runs it; without one the
+flag is False). ``log_likelihood_estimator`` names the estimator: "exact", "is" or
+"ais".
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
+from elbolab.inference.ais import Budget, ais_log_likelihood
 from elbolab.inference.diagnostics import ParetoK, pareto_k_summary
+from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import Estimate, importance_estimates
 from elbolab.inference.traces import reads_row_indices
 
 QUANTITIES = ("log_likelihood", "elbo", "iwae", "elbo_star", "iwae_star",
               "inference_gap", "approximation_gap", "amortization_gap")
+AIS_WHEN = ("unreliable", "always")
 
 
 def _exact(model, name: str):
@@ -85,14 +103,25 @@ def _flag(summary: dict | None) -> bool:
 
 
 def decompose(guide, local, x: torch.Tensor, n_samples: int, rows: torch.Tensor | None = None,
-              seed: int = 0) -> dict:
+              seed: int = 0, *, ais: Budget | None = None, ais_when: str = "unreliable",
+              vouch: Callable[[], dict | None] | None = None) -> dict:
     """The decomposition on the rows of x (N, D): ``guide`` is the q under study (a model
     whose guide covers x, ``rows`` its indices where it needs them) and ``local`` the q*
     model (e.g. ``optimize_local(...).model``: its rows are x's, in order). Both share the
     fixed generative model. Returns {quantity: Estimate} for ``QUANTITIES``, each with
     its ``pareto_k`` and ``reliable`` (see the module docstring), and ``exact`` (bool),
-    ``n_samples``, ``proposal_star_share`` (rows whose log p(x) estimate came from q*;
-    None when exact), ``reliable`` (every quantity's flag)."""
+    ``n_samples``, ``proposal_star_share`` (rows whose importance-sampled log p(x) came
+    from q*; None when exact), ``log_likelihood_estimator`` ("exact", "is" or "ais"),
+    ``reliable`` (every quantity's flag).
+
+    ``ais``: an AIS budget; log p(x) is then AIS's from q* when the importance-sampled
+    one is unreliable (``ais_when="unreliable"``) or in any case (``"always"``), never
+    for an exact model. The result then also holds ``log_likelihood_is`` (the IS
+    estimate, with its Pareto k), ``ais_minus_is`` (their paired difference, an
+    Estimate), ``ais`` (``AISResult.describe()``) and ``bdmc`` (what ``vouch()``
+    returned: a dict whose ``reliable`` is the AIS estimate's flag; None without it)."""
+    if ais_when not in AIS_WHEN:
+        raise UsageError(f"ais_when must be one of {', '.join(AIS_WHEN)}, got {ais_when!r}")
     n = int(x.shape[0])
     if rows is None and reads_row_indices(guide, x):
         rows = torch.arange(n)  # a table over the rows of x
@@ -110,6 +139,16 @@ def decompose(guide, local, x: torch.Tensor, n_samples: int, rows: torch.Tensor 
         share = float(from_star.double().mean())
         ll_k = pareto_k_summary(np.where(from_star.numpy(), s["k"], a["k"]), n_samples)
         ll_reliable = _flag(ll_k)
+    estimator, extra = ("exact" if exact_ll is not None else "is"), {}
+    if ais is not None and exact_ll is None and (ais_when == "always" or not ll_reliable):
+        r = ais_log_likelihood(local, x, torch.arange(n), seed=seed + 2, **ais.kwargs())  # from q*
+        is_est = Estimate.of(log_px).with_reliability(ll_k, ll_reliable)
+        log_px = r.log_likelihood.values
+        check = vouch() if vouch is not None else None
+        ll_k, ll_reliable = None, bool(check is not None and check.get("reliable"))
+        estimator = "ais"
+        extra = {"log_likelihood_is": is_est, "ais_minus_is": Estimate.of(log_px - is_est.values),
+                 "ais": r.describe(), "bdmc": check}
     values = {"log_likelihood": log_px, "elbo": a["elbo"], "iwae": a["iwae"], "elbo_star": s["elbo"],
               "iwae_star": s["iwae"], "inference_gap": log_px - a["elbo"],
               "approximation_gap": log_px - s["elbo"], "amortization_gap": s["elbo"] - a["elbo"]}
@@ -122,11 +161,16 @@ def decompose(guide, local, x: torch.Tensor, n_samples: int, rows: torch.Tensor 
                    "amortization_gap": (None, True)}
     out: dict = {k: Estimate.of(v).with_reliability(*reliability[k]) for k, v in values.items()}
     out.update({"exact": exact_ll is not None and a["exact"] and s["exact"], "n_samples": int(n_samples),
-                "proposal_star_share": share, "reliable": all(out[k].reliable for k in QUANTITIES)})
+                "proposal_star_share": share, "log_likelihood_estimator": estimator, **extra,
+                "reliable": all(out[k].reliable for k in QUANTITIES)})
     return out
 
 
 def to_dict(result: dict) -> dict:
     """``decompose``'s result for JSON: each Estimate as {mean, se, n} with its
-    ``pareto_k`` summary and ``reliable`` flag where it has them."""
-    return {k: v.to_dict() if isinstance(v, Estimate) else v for k, v in result.items()}
+    ``pareto_k`` summary and ``reliable`` flag where it has them; log p(x)'s names its
+    ``estimator``."""
+    out = {k: v.to_dict() if isinstance(v, Estimate) else v for k, v in result.items()}
+    if "log_likelihood_estimator" in result:
+        out["log_likelihood"]["estimator"] = result["log_likelihood_estimator"]
+    return out

@@ -734,14 +734,36 @@ def test_likelihood_metrics(model, x, n_samples: int, seed: int, pareto: ParetoK
 # ----------------------------------------------------------------------------- re-evaluating a run
 
 
+ESTIMATORS = ("is", "ais")  # of a run's log-likelihood: importance sampling, annealed importance sampling
+
+
 def evaluate_split(run: LoadedRun, split: str = "test", n_samples: int = 5000, seed: int | None = None,
-                   max_rows: int | None = None, per_row: bool = False, pareto: ParetoK | None = None) -> dict:
-    """The importance-sampled log-likelihood of a run's ``split`` rows (K = ``n_samples``)
-    with its Pareto k, the ELBO and its terms from the same draws, and the active units:
-    the record ``elbolab evaluate`` writes. ``seed``: of the draws (default: the run's own
-    test-set seed, so that the test estimate is the one its fit reported); ``per_row``
-    adds each row's estimate (for paired comparisons of runs on the same rows);
-    ``pareto``: a ParetoK to fill with each row's k."""
+                   max_rows: int | None = None, per_row: bool = False, pareto: ParetoK | None = None,
+                   estimator: str = "is", ais=None) -> dict:
+    """The log-likelihood of a run's ``split`` rows and the ELBO and its terms (under
+    ``quantities``, in ``inference.metrics``'s shape), and the active units: the record
+    ``elbolab evaluate`` writes, naming its ``estimator``. ``seed``: of the draws
+    (default: the run's own test-set seed, so that the test estimate is the one its fit
+    reported); ``per_row`` adds each row's estimate (for paired comparisons of runs on
+    the same rows).
+
+    ``estimator="is"``: importance sampling with the guide as proposal, K = ``n_samples``
+    per row, with the Pareto k of each row's weights (``pareto_k``; ``pareto``: a ParetoK
+    to fill); the ELBO and its terms from the same draws.
+
+    ``estimator="ais"``: annealed importance sampling from the guide (``inference.ais``;
+    ``ais``: an ``ais.Budget``, T steps, M chains, L leapfrog steps; its defaults
+    without one): each row's log (1/M) sum_m w_m, a stochastic lower bound of log p(x_i);
+    the quantity (method "ais", K = M) carries its standard error over rows, and the
+    record's ``ais`` the budget, the Monte Carlo standard error of the mean over the
+    chains (``mc_se_of_mean``: sqrt(sum_i mc_se_i^2) / N, the delta method per row) and
+    the chains' statistics (acceptance rate, effective sample size, step sizes). The
+    ELBO and its terms then come from the run's ``eval_particles`` draws per row.
+    ``n_samples`` is not used."""
+    from elbolab.inference.ais import Budget, ais_log_likelihood
+
+    if estimator not in ESTIMATORS:
+        raise UsageError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     data, model = run.data, run.model
     seed = log_likelihood_seed(run.spec.train.seed) if seed is None else int(seed)
     x = getattr(data, split)
@@ -761,19 +783,31 @@ def evaluate_split(run: LoadedRun, split: str = "test", n_samples: int = 5000, s
         x = x[:max_rows]
         rows = None if rows is None else rows[:max_rows]
     t0 = time.perf_counter()
-    pareto = ParetoK() if pareto is None else pareto
-    est = test_log_likelihood(model, x, n_samples, seed, rows, pareto=pareto)
-    out = {
-        "schema": SCHEMA_VERSION, "run": os.path.abspath(run.path), "model": run.spec.model,
-        "checkpoint_step": run.step, "split": split, "n_rows": int(x.shape[0]), "n_samples": n_samples,
-        "seed": seed, "units": UNITS,
-        "quantities": {
-            "log_likelihood": from_estimate(est["log_likelihood"], method="importance", K=n_samples, bound="lower"),
-            "elbo": from_estimate(est["elbo"], method="importance", K=n_samples, bound="lower"),
-            "recon": from_estimate(est["recon"], method="importance", K=n_samples, bound="estimate"),
-            "kl": from_estimate(est["kl"], method="importance", K=n_samples, bound="estimate", better="lower")},
-        "pareto_k": pareto.summary(), "seconds": time.perf_counter() - t0,
-    }
+    out = {"schema": SCHEMA_VERSION, "run": os.path.abspath(run.path), "model": run.spec.model,
+           "checkpoint_step": run.step, "split": split, "n_rows": int(x.shape[0]), "estimator": estimator,
+           "seed": seed, "units": UNITS}
+    if estimator == "is":
+        pareto = ParetoK() if pareto is None else pareto
+        est = test_log_likelihood(model, x, n_samples, seed, rows, pareto=pareto)
+        method, K = "importance", n_samples
+        ll = from_estimate(est["log_likelihood"], method=method, K=K, bound="lower")
+        out.update({"n_samples": n_samples, "pareto_k": pareto.summary()})
+    else:
+        budget = Budget() if ais is None else ais
+        r = ais_log_likelihood(model, x, rows, seed=seed, **budget.kwargs())
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            est = {"log_likelihood": r.log_likelihood,
+                   **elbo_estimate(model, x, rows, n_particles=run.spec.eval.eval_particles)}
+        method, K = "monte-carlo", run.spec.eval.eval_particles
+        ll = from_estimate(r.log_likelihood, method="ais", K=budget.chains, bound="lower")
+        out["ais"] = {k: v for k, v in r.describe().items() if k != "log_likelihood"}
+    out["quantities"] = {
+        "log_likelihood": ll,
+        "elbo": from_estimate(est["elbo"], method=method, K=K, bound="lower"),
+        "recon": from_estimate(est["recon"], method=method, K=K, bound="estimate"),
+        "kl": from_estimate(est["kl"], method=method, K=K, bound="estimate", better="lower")}
+    out["seconds"] = time.perf_counter() - t0
     if len(latent_names(model, x[:1], None if rows is None else rows[:1])[0]) == 1:
         out["active_units"] = active_units(model, x, rows)
     if per_row:

@@ -9,8 +9,12 @@ image: NELBO, its KL and reconstruction terms, and IWAE-1/10/100/1000 (the negat
 IWAE bounds, each the mean over the 1000/m groups of m of the same draws). The
 published values are the course's grader targets, measured on a 100-image test subset.
 
+Each model's log-likelihood is also estimated by annealed importance sampling on the
+first --ais-rows test images (T = --ais-steps, M = --ais-chains, from the encoder), beside
+the --n-samples importance estimate on the same images (paired).
+
 Writes --out/table.md (ours beside the published values), --out/metrics.json and one
-run directory per model (checkpoint, metrics, pictures).
+run directory per model (checkpoint, metrics, pictures, ais.json).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ def build_parser():
                    help="importance samples per test image (IWAE-m for every m = 10^i dividing it)")
     p.add_argument("--n-components", type=_cli.positive_int, default=500, help="mixture prior components")
     p.add_argument("--models", default="vae,gmvae", help="comma-separated subset of vae,gmvae")
+    _reproduce.add_ais_args(p)
     return p
 
 
@@ -81,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         train = TrainConfig(objective="elbo-analytic", n_particles=1, lr=1e-3, batch_size=100, steps=args.steps,
                             epochs=None, seed=args.seed, threads=args.threads, progress=args.progress)
         results[name] = _reproduce.train(name, name, config, train, data, args.n_samples, args)
+    ais = {name: _reproduce.ais_beside_is(name, args, args.n_samples) for name in names}
     vals = {name: ours(m) for name, m in results.items()}
     cmd = "elbolab reproduce-cs236 " + " ".join(argv if argv is not None else sys.argv[1:])
     header = ["quantity (nats, lower is better)"]
@@ -119,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.n_samples}/m groups of m draws, so IWAE-1 equals the NELBO here.", "",
         *(tab := _reproduce.table(header, rows)), "",
         *extra, "",
+        *_reproduce.ais_lines({("VAE" if n == "vae" else f"GMVAE (k = {args.n_components})"): ais[n] for n in names},
+                              args),
         *[f"![{n} prior samples]({n}/prior_samples.png) ![{n} reconstructions]({n}/reconstructions.png)"
           for n in names], "",
         f"_Wall time {time.perf_counter() - t0:.0f} s with {args.threads} thread(s)._",
@@ -129,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {n: {k: results[n][k] for k in ("steps", "epochs", "seconds", "test_log_likelihood",
                                                   "test_importance", "test_active_units") if k in results[n]}
                  for n in names},
+        "ais": {n: ais[n] for n in names},
     })
     print("\n".join(tab))
     print(f"-> {args.out}/table.md")

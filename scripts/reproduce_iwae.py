@@ -13,8 +13,12 @@ once. The test log-likelihood is the K = --n-samples importance estimate on the 
 --test-rows test images (the same rows for every model, so differences are paired);
 active units use all 10,000 test images.
 
+Each model's log-likelihood is also estimated by annealed importance sampling on the
+first --ais-rows of those images (T = --ais-steps, M = --ais-chains, from the encoder),
+beside the importance estimate on the same images (paired).
+
 Writes --out/table.md, --out/metrics.json and one run directory per model (with
-evaluation.json).
+evaluation.json and ais.json).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def build_parser():
                    help="test images for the 5000-sample log-likelihood (the first N; all: 10000)")
     p.add_argument("--fit-samples", type=_cli.positive_int, default=100,
                    help="importance samples of each run's own metrics.json over all test images")
+    _reproduce.add_ais_args(p)
     return p
 
 
@@ -95,11 +100,6 @@ def evaluation(name: str, args) -> dict:
     return ev
 
 
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    return float(d.mean()), float(d.std() / math.sqrt(d.numel()))
-
-
 @_cli.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                             progress=args.progress)
         metrics[name] = _reproduce.train(name, "vae", config, train, data, args.fit_samples, args)
         evals[name] = evaluation(name, args)
+    ais = {name: _reproduce.ais_beside_is(name, args, args.n_samples, evals[name]) for name in evals}
     base = evals["vae-k1"]["log_likelihood_per_row"]
     rows, ours = [], {}
     for kind in ("vae", "iwae"):
@@ -126,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             name = "vae-k1" if k == 1 else f"{kind}-k{k}"
             ev, m = evals[name], metrics[name]
             nll = (-ev["quantities"]["log_likelihood"]["value"], ev["quantities"]["log_likelihood"]["se"])
-            diff = paired([-v for v in ev["log_likelihood_per_row"]], [-v for v in base])
+            diff = _reproduce.paired([-v for v in ev["log_likelihood_per_row"]], [-v for v in base])
             ladder = m["diagnostics"]["test_importance"]["iwae"]
             bound = ladder[str(max(int(s) for s in ladder))]
             au = m["diagnostics"]["test_active_units"]
             ours[f"{kind}-k{k}"] = {"run": name, "nll": nll, "nll_minus_vae_k1": diff,
-                                    "active_units": au["active_units"], "train_seconds": m["run"]["seconds"]}
+                                    "active_units": au["active_units"], "train_seconds": m["run"]["seconds"],
+                                    "ais": ais[name]}
             pub = PUBLISHED_NLL.get((kind, k))
             rows.append([kind.upper(), str(k), "—" if pub is None else f"{pub:.2f}",
                          _reproduce.pm(*nll), reliability_note(ev["pareto_k"]),
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     gaps = []
     for k in args.ks:
         if k > 1:
-            d = paired([-v for v in evals[f"iwae-k{k}"]["log_likelihood_per_row"]],
+            d = _reproduce.paired([-v for v in evals[f"iwae-k{k}"]["log_likelihood_per_row"]],
                        [-v for v in evals[f"vae-k{k}"]["log_likelihood_per_row"]])
             pub = PUBLISHED_NLL.get(("iwae", k), math.nan) - PUBLISHED_NLL.get(("vae", k), math.nan)
             gaps.append([str(k), "—" if math.isnan(pub) else f"{pub:+.2f}", _reproduce.pm(*d)])
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         "standard errors small); ± is one standard error over images. An estimate is marked UNRELIABLE when "
         "more than 1% of its images have Pareto k > 0.7 (PSIS; inference/diagnostics.py).", "",
         *tab, "", "IWAE against VAE at the same K (negative: IWAE better):", "", *gap_tab, "",
+        *_reproduce.ais_lines({f"{'IWAE' if n.startswith('iwae') else 'VAE'} K = {n.split('-k')[1]}": r
+                               for n, r in ais.items()}, args),
         f"_Wall time {time.perf_counter() - t0:.0f} s with {args.threads} thread(s)._",
     ]
     _reproduce.write(args.out, lines, {
@@ -172,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "published_nll": {f"{a}-k{b}": v for (a, b), v in PUBLISHED_NLL.items()}, "paper_epochs": PAPER_EPOCHS,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr_final": lr_final, "n_samples": args.n_samples,
         "test_rows": args.test_rows, "ours": ours,
+        "ais": {"rows": args.ais_rows, "steps": args.ais_steps, "chains": args.ais_chains, "leapfrog": 5},
     })
     print("\n".join(tab + [""] + gap_tab))
     print(f"-> {args.out}/table.md")

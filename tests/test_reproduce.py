@@ -21,7 +21,7 @@ def _one_thread():
 def test_reproduce_cs236_tiny(tmp_path):
     out = tmp_path / "cs236"
     argv = ["--data-dir", MNIST_DIR, "--out", str(out), "--steps", "40", "--n-samples", "10",
-            "--n-components", "20", "--no-progress"]
+            "--n-components", "20", "--ais-rows", "6", "--ais-steps", "5", "--ais-chains", "2", "--no-progress"]
     assert reproduce_cs236.main(argv) == 0
     table = (out / "table.md").read_text()
     m = json.loads((out / "metrics.json").read_text())
@@ -38,17 +38,29 @@ def test_reproduce_cs236_tiny(tmp_path):
     assert "| NELBO | 100 |" in table and "| IWAE-1000 | 95 |" in table
     # K = 10 draws are too few for a Pareto fit (21): the table says so rather than guess
     assert table.count("Pareto k of their weights: k undetermined") == 2
-    # --reuse rebuilds the table from the finished runs without training again
+    # AIS beside importance sampling on the first 6 test images, paired
+    for name in ("vae", "gmvae"):
+        a = json.loads((out / name / "ais.json").read_text())
+        assert a["n_rows"] == 6 and a["settings"] == {"rows": 6, "steps": 5, "chains": 2, "leapfrog": 5,
+                                                      "is_samples": 10}
+        assert a["ais"]["method"] == "ais" and a["ais"]["K"] == 2 and a["is"]["K"] == 10
+        assert a["ais_minus_is"]["value"] == pytest.approx(a["ais"]["value"] - a["is"]["value"], abs=1e-9)
+        assert m["ais"][name] == a
+    assert "Annealed importance sampling on the first 6 test images" in table
+    # --reuse rebuilds the table from the finished runs without training (or annealing) again
     stamp = (out / "vae" / "checkpoint.ckpt").stat().st_mtime_ns
+    ais_stamp = (out / "vae" / "ais.json").stat().st_mtime_ns
     assert reproduce_cs236.main(argv + ["--reuse"]) == 0
     assert (out / "vae" / "checkpoint.ckpt").stat().st_mtime_ns == stamp
+    assert (out / "vae" / "ais.json").stat().st_mtime_ns == ais_stamp
     assert json.loads((out / "metrics.json").read_text())["ours"] == m["ours"]
 
 
 def test_reproduce_iwae_tiny(tmp_path):
     out = tmp_path / "iwae"
     argv = ["--data-dir", MNIST_DIR, "--out", str(out), "--epochs", "1", "--batch-size", "2000", "--ks", "1,3",
-            "--test-rows", "40", "--n-samples", "50", "--fit-samples", "10", "--no-progress"]
+            "--test-rows", "40", "--n-samples", "50", "--fit-samples", "10", "--ais-rows", "5", "--ais-steps", "5",
+            "--ais-chains", "2", "--no-progress"]
     assert reproduce_iwae.main(argv) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["ours"]) == {"vae-k1", "vae-k3", "iwae-k1", "iwae-k3", "iwae-minus-vae-k3"}
@@ -62,6 +74,11 @@ def test_reproduce_iwae_tiny(tmp_path):
     a = json.loads((out / "iwae-k3" / "evaluation.json").read_text())["log_likelihood_per_row"]
     b = json.loads((out / "vae-k3" / "evaluation.json").read_text())["log_likelihood_per_row"]
     assert m["ours"]["iwae-minus-vae-k3"][0] == pytest.approx(sum(y - x for x, y in zip(a, b)) / 40)
+    # AIS on the first 5 of those 40 images, beside their importance estimates from evaluation.json
+    for name in ("vae-k1", "vae-k3", "iwae-k3"):
+        a = json.loads((out / name / "ais.json").read_text())
+        per_row = json.loads((out / name / "evaluation.json").read_text())["log_likelihood_per_row"]
+        assert a["n_rows"] == 5 and a["is"]["value"] == pytest.approx(sum(per_row[:5]) / 5, abs=1e-9)
     table = (out / "table.md").read_text()
-    assert "| IWAE | 3 |" in table
+    assert "| IWAE | 3 |" in table and "| IWAE K = 3 |" in table
     assert table.count("% of rows (reliable)") + table.count("% of rows (UNRELIABLE)") == 4  # every NLL row flagged
