@@ -19,18 +19,29 @@ import contextlib
 import ctypes
 import ctypes.util
 import math
+import warnings
+import weakref
 from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from elbolab.inference.errors import UsageError
-from elbolab.inference.traces import check_new_rows, guide_posterior, latent_names, model_log_weights, whole_set_log_weights
+from elbolab.inference.traces import (LogWeights, check_new_rows, guide_posterior, latent_names, model_log_weights,
+                                      whole_set_log_weights)
 
 # Default chunk size: particles x rows x data_dim elements of the decoder's output per
 # log-weight call (2^22 float32 = 16 MB; a few such tensors live at once).
 MAX_ELEMENTS = 2**22
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015: a unit is active if Cov_x(E_q[z_u | x]) > 0.01
+# From this many samples (rows x K) on, importance_estimates computes a Bernoulli VAE's
+# log-likelihoods with the compiled decoder and likelihood (CompiledLogWeights): compiling
+# costs about 7 s per chunk shape (two for K = 5000) and saves about a quarter of the
+# time (docs/performance.md), which pays for itself from some 10^7 samples on (the whole
+# MNIST test set at K = 5000 is 5 x 10^7).
+COMPILE_MIN_SAMPLES = 20_000_000
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for it (tests/test_perf.py also checks "eager")
 
 
 @dataclass
@@ -129,11 +140,61 @@ def chunk_sizes(n_rows: int, n_samples: int, data_dim: int, batch_size: int | No
     return max(1, min(rows, n_rows)), max(1, min(particles, n_samples))
 
 
+class CompiledLogWeights:
+    """The log weights of a chunk of a VAE (``models.vae.VAE`` or its GMVAE, amortized
+    guide, Bernoulli likelihood) with the decoder and the likelihood compiled
+    (``torch.compile``): the :class:`~elbolab.inference.traces.LogWeights` that
+    ``traces.model_log_weights`` makes of the rows x (B, D) and K particles, without
+    Pyro's traces::
+
+        z = loc(x) + eps * scale(x),  eps ~ N(0, I) of shape (K, B, k)   (the traced path's draws)
+        log_lik = sum_d log sigmoid((2 x_d - 1) f_d(z))                  (K, B), compiled
+        log_prior = log p(z),  log_q = log q(z | x)                      (K, B), the model's own
+
+    The compiled function fuses the decoder's activations and the likelihood's
+    elementwise passes over the K x B x D logits (eager, each is a pass through memory);
+    it is compiled once per chunk shape and kept for the model. The numbers are the
+    traced path's up to float round-off (``tests/test_perf.py``); rows that are not
+    binary, and models of other kinds, take the traced path."""
+
+    _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> compiled function
+
+    def __init__(self, model):
+        self.model = model
+
+    @staticmethod
+    def applies(model) -> bool:
+        """Whether the model is of the kind this computes (see the class docstring)."""
+        from elbolab.models.vae import VAE
+
+        return isinstance(model, VAE) and model.likelihood == "bernoulli" and bool(model.encoder.amortized)
+
+    def log_lik_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        fn = self._cache.get(self.model)
+        if fn is None:
+            decoder_output = self.model.decoder_output
+
+            def log_lik(z: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:  # z (K, B, k), sign = 2x - 1 (B, D)
+                return F.logsigmoid(decoder_output(z) * sign).sum(-1)  # (K, B)
+
+            fn = self._cache[self.model] = torch.compile(log_lik, dynamic=False, backend=COMPILE_BACKEND)
+        return fn
+
+    def __call__(self, x: torch.Tensor, n_particles: int) -> LogWeights:
+        q = self.model.guide_dist(x)  # batch (B,), event (k,)
+        z = q.rsample((int(n_particles),))  # (K, B, k)
+        log_lik = self.log_lik_fn()(z, 2.0 * x - 1.0)
+        return LogWeights(log_lik, self.model.prior().log_prob(z), q.log_prob(z), 1.0)
+
+
+_COMPILE_FAILED: set[type] = set()  # model classes whose compilation failed once (the traced path instead)
+
+
 def importance_estimates(model, x: torch.Tensor, n_samples: int, rows: torch.Tensor | None = None, *,
                          batch_size: int | None = None, particle_chunk: int | None = None,
                          max_elements: int = MAX_ELEMENTS, seed: int | None = None,
-                         on_log_weights: Callable[[int, torch.Tensor], None] | None = None
-                         ) -> dict[str, Estimate]:
+                         on_log_weights: Callable[[int, torch.Tensor], None] | None = None,
+                         compiled: bool | None = None) -> dict[str, Estimate]:
     """Importance-sampled log-likelihood per row, and the ELBO and its terms from the
     same draws, each an :class:`Estimate` over the rows of ``x`` (N, D)::
 
@@ -152,9 +213,14 @@ def importance_estimates(model, x: torch.Tensor, n_samples: int, rows: torch.Ten
     log_w)``: called once per row chunk with its log weights (B_chunk, K), float64, rows
     ``start .. start + B_chunk - 1`` of x (e.g. for a Pareto-k diagnostic per row).
 
+    ``compiled``: compute the chunks' log weights with :class:`CompiledLogWeights` (a
+    Bernoulli VAE with an amortized guide; the same draws, the same numbers up to float
+    round-off); None (the default) does so from ``COMPILE_MIN_SAMPLES`` rows x samples
+    on, where compiling pays for itself; other models always take the traced path.
+
     Not ``pyro.infer.Importance``: it draws one particle at a time (200-500x slower
-    here, PITFALLS.md) and sums over the data plate; this draws a chunk of particles
-    as one vectorized plate and keeps each row's weights.
+    here) and sums over the data plate; this draws a chunk of particles as one
+    vectorized plate and keeps each row's weights.
     """
     if int(n_samples) != n_samples or n_samples < 1:
         raise UsageError(f"n_samples must be an integer >= 1, got {n_samples}")
@@ -165,6 +231,10 @@ def importance_estimates(model, x: torch.Tensor, n_samples: int, rows: torch.Ten
         raise UsageError(f"rows has {rows.shape[0]} indices for {n} rows of x")
     check_new_rows(model, x, rows)
     b_size, k_size = chunk_sizes(n, n_samples, int(x[0].numel()), batch_size, particle_chunk, max_elements)
+    if compiled is None:
+        compiled = n * n_samples >= COMPILE_MIN_SAMPLES
+    fast = (CompiledLogWeights(model) if compiled and CompiledLogWeights.applies(model)
+            and type(model) not in _COMPILE_FAILED else None)
     out = {key: torch.empty(n, dtype=torch.float64) for key in ("log_likelihood", "elbo", "recon", "kl")}
     rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
     with rng, torch.no_grad():
@@ -176,8 +246,21 @@ def importance_estimates(model, x: torch.Tensor, n_samples: int, rows: torch.Ten
             lse = torch.full((b,), -math.inf, dtype=torch.float64)
             sums = torch.zeros(3, b, dtype=torch.float64)  # log w, log p(x|z), log q - log p(z)
             kept = [] if on_log_weights is not None else None
+            binary = fast is not None and bool(((xb == 0) | (xb == 1)).all())  # (the likelihood's formula needs it)
             for _, kc in _chunks(n_samples, k_size):
-                lw = model_log_weights(model, xb, rb, kc)
+                lw = None
+                if binary:
+                    state = torch.get_rng_state()
+                    try:
+                        lw = fast(xb, kc)
+                    except Exception as e:  # noqa: BLE001 (a compiler missing or failing: the traced path)
+                        torch.set_rng_state(state)  # (the traced path draws this chunk's particles)
+                        _COMPILE_FAILED.add(type(model))
+                        warnings.warn(f"the compiled evaluation failed ({type(e).__name__}: {str(e)[:200]}); "
+                                      "using the traced path", RuntimeWarning, stacklevel=2)
+                        fast, binary = None, False
+                if lw is None:
+                    lw = model_log_weights(model, xb, rb, kc)
                 log_w = lw.log_w.double()  # (kc, b)
                 lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
                 sums += torch.stack([log_w.sum(0), lw.log_lik.double().sum(0),
@@ -265,7 +348,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 def tune_malloc(threshold: int = 1 << 30) -> bool:
     """Ask glibc to keep freed memory instead of returning it to the system after every
     large tensor (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD), which speeds up chunked
-    evaluations of large K x batch tensors (measured 1.6-2x here; see PITFALLS.md). The
+    evaluations of large K x batch tensors (measured 1.6-2x here). The
     same as setting MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment.
     Process-wide: for scripts to call, not libraries. False where glibc is absent."""
     name = ctypes.util.find_library("c")
