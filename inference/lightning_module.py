@@ -27,9 +27,10 @@ from elbolab.inference import distributed
 from elbolab.inference.checkpoints import history_from_tensor, history_to_tensor
 from elbolab.inference.errors import NonFiniteError
 from elbolab.inference.evaluate import Estimate, elbo_terms
-from elbolab.inference.batches import batch_loader
+from elbolab.inference.batches import BatchRun, BatchRuns, EpochBatches, InMemoryBatches, batch_loader
 from elbolab.models.datasources import DataSplits
 from elbolab.inference.objectives import Objective
+from elbolab.inference.traces import batch as rows_of, vectorizes
 from elbolab.inference.train_config import TrainConfig, warmup_batch
 
 VAL_SEED = 20_24  # validation draws use their own fixed seed: common random numbers
@@ -46,6 +47,16 @@ VALIDATE_EVERY_STEP = False
 # VAE took 430 ms with them, 115 ms without (one thread). Terms of that size change
 # no float32 sum they are added to.
 FLUSH_DENORMALS = True
+# And the driver's own share of a step kept small (docs/performance.md): batches sliced
+# from the in-memory rows (``batches.InMemoryBatches``; False: the DataLoader of
+# ``batches.batch_loader``), and Lightning's backward and optimizer-step wrappers left out
+# where they would only call hooks that nobody overrides (``plain_hooks``).
+IN_MEMORY_BATCHES = True
+LEAN_HOOKS = True
+# Optimizer steps per Lightning batch when nothing needs Lightning's per-batch hooks
+# (``steps_per_batch``): Lightning's loop costs about 0.15 ms a batch, which a run of
+# steps pays once. 1: one step per batch.
+STEPS_PER_BATCH = 32
 
 
 def adam(params, lr: float) -> torch.optim.Adam:
@@ -77,8 +88,9 @@ def match_state_layouts(optimizers) -> None:
 
 
 class SVIModule(pl.LightningModule):
-    """Holds the model (and its guide); one manual-optimization step per batch of the
-    training rows of ``data``, the objective built from ``config``."""
+    """Holds the model (and its guide); one manual-optimization step per mini-batch of the
+    training rows of ``data`` (a Lightning batch may carry several: ``steps_per_batch``),
+    the objective built from ``config``."""
 
     def __init__(self, model, data: DataSplits, config: TrainConfig, objective: Objective):
         super().__init__()
@@ -96,12 +108,41 @@ class SVIModule(pl.LightningModule):
         self.validate = is_validation_enabled()  # the caller's Pyro validation (on by default)
         self.steps_run = 0  # steps of this session
         self.named_params: list[tuple[str, torch.nn.Parameter]] = []
+        self.lean_hooks, self.steps_per_batch = False, 1  # (decided with the trainer: train_dataloader)
+
+    def __setattr__(self, name, value):
+        # Lightning sets this string around every hook it calls, two dozen times a step:
+        # stored as a plain attribute without nn.Module.__setattr__'s look-ups for a
+        # parameter, module or buffer of that name (there is none)
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # -- data --------------------------------------------------------------
     def train_dataloader(self):
-        return batch_loader(self.data.train, self.train_config.batch_size, seed=self.train_config.seed, shuffle=True,
-                            dynamic=self.data.binarize == "dynamic", rank=self.global_rank,
-                            world_size=self.trainer.world_size)
+        self.lean_hooks = LEAN_HOOKS and plain_hooks(self.trainer, self)
+        self.steps_per_batch = steps_per_batch(self.trainer, self)
+        make = InMemoryBatches if IN_MEMORY_BATCHES else batch_loader
+        loader = make(self.data.train, self.train_config.batch_size, seed=self.train_config.seed, shuffle=True,
+                      dynamic=self.data.binarize == "dynamic", rank=self.global_rank,
+                      world_size=self.trainer.world_size)
+        if self.steps_per_batch == 1:
+            return loader
+        return BatchRuns(loader, self.steps_per_batch, budget=self.steps_left)
+
+    def steps_left(self) -> int | None:
+        """The optimizer steps this fit may still take (None: no step budget)."""
+        return None if self.trainer.max_steps < 0 else self.trainer.max_steps - self.trainer.global_step
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        # a training batch already on the device stays as it is (Lightning's default walks
+        # the collection and calls .to on each tensor); a run of batches moves each batch
+        # when the step takes it
+        if isinstance(batch, BatchRun) or (isinstance(batch, tuple) and all(
+                torch.is_tensor(t) and t.device == device for t in batch)):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def val_dataloader(self):
         # one item per rank: validation_step evaluates the whole set with distributed.map_rows.
@@ -127,10 +168,14 @@ class SVIModule(pl.LightningModule):
         self._ddp_params_and_buffers_to_ignore = names
         self.named_params = list(self.model.named_parameters())  # (after any lazy ones were made)
         self.zero_grad(set_to_none=True)
+        self.objective.vectorize = vectorizes(self.model)  # (what objective.loss finds on every call)
 
     def on_train_start(self):
         distributed.broadcast_parameters(self.row_params)  # DDP broadcasts the others
-        match_state_layouts(self.optimizers())
+        opts, scheds = self.optimizers(), self.lr_schedulers()
+        match_state_layouts(opts)
+        self.step_optimizers = opts if isinstance(opts, list) else [opts]
+        self.step_schedulers = scheds if isinstance(scheds, list) else [scheds] if scheds is not None else []
 
     def configure_optimizers(self):
         rows = {id(p) for p in self.row_params}
@@ -140,7 +185,9 @@ class SVIModule(pl.LightningModule):
             opts.append(torch.optim.SparseAdam(self.row_params, lr=self.train_config.lr))
         if self.train_config.lr_final is None:
             return opts
-        total = self.train_config.steps or self.train_config.epochs * len(self.train_dataloader())
+        per_epoch = len(EpochBatches(self.data.n_train, self.train_config.batch_size,
+                                     world_size=self.trainer.world_size))
+        total = self.train_config.steps or self.train_config.epochs * per_epoch
         ratio = self.train_config.lr_final / self.train_config.lr
         scheds = [{"scheduler": torch.optim.lr_scheduler.LambdaLR(
             opt, lambda t: ratio ** min(1.0, t / max(1, total))), "interval": "step"} for opt in opts]
@@ -148,17 +195,33 @@ class SVIModule(pl.LightningModule):
 
     # -- the step ----------------------------------------------------------
     def training_step(self, rows_batch, batch_idx):
-        x, idx = rows_batch
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
+        if not isinstance(rows_batch, BatchRun):
+            self.train_on(*rows_batch)
+            return
+        for x, idx in rows_batch:  # a run of batches: one step each (steps_per_batch)
+            if x.device != self.device:
+                x, idx = x.to(self.device), idx.to(self.device)
+            self.train_on(x, idx)
+
+    def train_on(self, x: torch.Tensor, idx: torch.Tensor) -> None:
+        """One step on the rows x (B, D) at positions idx (B,) of the training set: the
+        loss, its gradient, the checks (a non-finite loss or gradient stops the fit before
+        any parameter moves), the update, the history row."""
+        for _, p in self.named_params:  # what zero_grad(set_to_none=True) does, without its wrapper
+            p.grad = None
         # Pyro's checks (site shapes and supports, model and guide matching) on the first
         # step: they look at the structure, which later steps repeat (VALIDATE_EVERY_STEP)
-        with pyro.validation_enabled(self.validate and (VALIDATE_EVERY_STEP or self.steps_run == 0)):
-            loss = self.objective.loss(self.model, x, idx)
+        if self.steps_run == 0 or VALIDATE_EVERY_STEP:
+            with pyro.validation_enabled(self.validate):
+                loss = self.objective.loss(self.model, x, idx)
+        else:
+            with pyro.validation_enabled(False), rows_of(self.model, x, idx):  # objective.loss, its model
+                loss = self.objective(self.model.model, self.model.guide, x)  # check made once (setup)
         self.steps_run += 1
-        self.manual_backward(loss)  # DDP averages the dense gradients over ranks here
+        if self.lean_hooks:
+            loss.backward()
+        else:
+            self.manual_backward(loss)  # DDP averages the dense gradients over ranks here
         if self.row_params:  # (a collective: before any rank can stop on a bad value)
             distributed.sync_sparse_grads(self.row_params)  # the rows, averaged over ranks
             if not self.train_config.sparse_rows:  # dense Adam: the same step as for a dense table
@@ -179,11 +242,17 @@ class SVIModule(pl.LightningModule):
             coef = self.train_config.clip_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
             for v in values:
                 v.mul_(coef)
-        opts[0].step()  # Lightning counts the steps of its optimizers: one per batch
+        opts = self.step_optimizers
+        if self.lean_hooks:  # Lightning counts the optimizer steps: one per batch
+            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+            progress.increment_ready()
+            opts[0].optimizer.step()
+            progress.increment_completed()
+        else:
+            opts[0].step()
         for opt in opts[1:]:  # SparseAdam over the tables (--sparse-rows)
             opt.optimizer.step()
-        scheds = self.lr_schedulers()
-        for sched in scheds if isinstance(scheds, list) else [scheds] if scheds is not None else []:
+        for sched in self.step_schedulers:
             sched.step()
         self.history.append({"step": step, "epoch": self.current_epoch, "loss": loss_value / self.n_data,
                              "seconds": self.seconds_before + time.perf_counter() - self.t0})
@@ -247,6 +316,53 @@ class SVIModule(pl.LightningModule):
 
 
 
+def steps_per_batch(trainer: pl.Trainer, module: "SVIModule") -> int:
+    """How many optimizer steps a Lightning batch carries: ``STEPS_PER_BATCH`` when
+    nothing needs to see single steps, 1 otherwise. Lightning's per-batch work is then
+    done once per run of steps (``batches.BatchRuns``): the same batches in the same
+    order, the same draws, the same numbers. Runs need the in-memory loader and
+    ``plain_hooks`` (so not DDP, whose gradient synchronization pairs one forward pass
+    with one backward pass); validation only at epoch ends (``val_every`` counts
+    Lightning's batches); no callback with a per-batch hook (``on_train_batch_start``
+    or ``..._end``) other than the progress bar (which follows the step count) and an
+    epoch-wise ModelCheckpoint; and a fit that starts at an epoch's start (a run
+    resumed from a checkpoint taken mid-epoch goes on as single batches did)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    def per_step(cb) -> bool:
+        if isinstance(cb, Progress):
+            return False
+        if type(cb) is ModelCheckpoint:
+            return cb._every_n_train_steps >= 1 or cb._train_time_interval is not None
+        return any(is_overridden(h, cb, pl.Callback) for h in ("on_train_batch_start", "on_train_batch_end"))
+
+    per_epoch = len(EpochBatches(module.data.n_train, module.train_config.batch_size))
+    if (STEPS_PER_BATCH <= 1 or not IN_MEMORY_BATCHES or not module.lean_hooks or trainer.global_step % per_epoch
+            or module.train_config.val_every is not None or any(per_step(cb) for cb in trainer.callbacks)
+            or any(is_overridden(h, module, pl.LightningModule) for h in ("on_train_batch_start", "on_train_batch_end"))):
+        return 1
+    return STEPS_PER_BATCH
+
+
+def plain_hooks(trainer: pl.Trainer, module: pl.LightningModule) -> bool:
+    """Whether Lightning's ``manual_backward`` and ``LightningOptimizer.step`` would only
+    call ``loss.backward()`` and ``optimizer.step()`` around hooks that nobody overrides:
+    one process (the single-device strategy), the default 32-bit precision, and no
+    callback (nor the module) with an ``on_before_backward``, ``on_after_backward`` or
+    ``on_before_optimizer_step``. Then the step calls the two itself (about 0.1 ms a step
+    less) and counts the optimizer step in Lightning's progress as its wrapper does."""
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if type(trainer.strategy) is not SingleDeviceStrategy or type(trainer.precision_plugin) is not Precision:
+        return False
+    hooks = ("on_before_backward", "on_after_backward", "on_before_optimizer_step", "backward")
+    return not any(is_overridden(h, cb, pl.Callback) for cb in trainer.callbacks for h in hooks[:3]) and not any(
+        is_overridden(h, module, pl.LightningModule) for h in hooks)
+
+
 class Progress(pl.Callback):
     """A tqdm bar over the steps with the running loss, refreshed every few steps."""
 
@@ -262,7 +378,8 @@ class Progress(pl.Callback):
                             mininterval=0.5, leave=None)  # left on screen unless below another bar
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self.bar is not None and trainer.global_step % self.every == 0:
+        # (a Lightning batch may carry several steps: see steps_per_batch)
+        if self.bar is not None and trainer.global_step >= self.bar.n + self.every:
             self.bar.n = trainer.global_step
             tail = module.history[-self.every:]
             post = {"loss": f"{np.mean([r['loss'] for r in tail]):.3f}"}

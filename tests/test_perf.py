@@ -9,6 +9,13 @@
 * dynamic binarization as u < x: the very draws torch.bernoulli makes;
 * the driver's fused Adam and first-step-only validation against per-tensor Adam and
   validation on every step: the same parameters after the same steps;
+* the driver's own share of a step: batches sliced from memory against the DataLoader's
+  (the same rows and draws), Lightning's backward and step wrappers left out, several
+  steps per Lightning batch: the same history, validations and parameters, bit for bit;
+  and where a per-step hook needs single steps, single steps;
+* the one-messenger recorder of the sample sites against Pyro's trace and replay;
+* the compiled evaluation (decoder and likelihood) against the traced one: the same
+  draws, the same estimates up to float round-off; and the switch by the job's size;
 * the benchmark's hand-written yardstick: the same loss and gradient as elbolab's
   objectives for the same draws (so its ratios compare the same math).
 
@@ -22,7 +29,10 @@ import torch
 
 from elbolab import models
 import elbolab.models.vae
+from elbolab.inference import batches as batching
+from elbolab.inference import evaluate
 from elbolab.inference import lightning_module as train
+from elbolab.inference import traces
 from elbolab.models import datasources as loaders
 from elbolab.inference.evaluate import importance_estimates
 from elbolab.inference.objectives import build_objective
@@ -279,3 +289,205 @@ def test_benchmark_quick_run_writes_its_results(tmp_path):
     for bad in (["--sections", "nope"], ["--sections", "baseline"], ["--sections", "train", "--data-dir", "/nope"]):
         assert benchmark.main([*bad, "--out", str(tmp_path / "x")]) == 2  # refused before any work
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------ the driver's own share
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_in_memory_batches_are_the_dataloaders(world_size):
+    d = loaders.load_dataset("digits", binarize="dynamic")  # grey levels, drawn afresh per batch
+    x = d.train[:230]
+    for rank in range(world_size):
+        ref = batching.batch_loader(x, 40, seed=7, dynamic=True, rank=rank, world_size=world_size)
+        ours = batching.InMemoryBatches(x, 40, seed=7, dynamic=True, rank=rank, world_size=world_size)
+        assert len(ours) == len(ref)
+        for epoch in (0, 3):
+            ref.sampler.set_epoch(epoch)
+            ours.sampler.set_epoch(epoch)
+            pairs = list(zip(ours, ref, strict=True))
+            assert len(pairs) == len(ref)
+            for (xa, ia), (xb, ib) in pairs:  # the same rows, the same Bernoulli draws
+                assert torch.equal(ia, ib) and torch.equal(xa, xb)
+            assert set(torch.unique(torch.cat([a for (a, _), _ in pairs])).tolist()) == {0.0, 1.0}
+    rows = batching.InMemoryBatches(x, 40, seed=7)  # no binarization: the rows themselves
+    assert all(torch.equal(xb, x[ib]) for xb, ib in rows)
+
+
+def test_batch_runs_cover_the_epoch_in_order_and_single_batches_where_the_budget_ends():
+    x = torch.arange(23.0)[:, None]
+    single = batching.InMemoryBatches(x, 2, seed=1)  # 12 batches an epoch
+    for budget, plan in ((None, [5, 5, 2]), (7, [1] * 12), (12, [5, 5, 2]), (30, [5, 5, 2])):
+        runs = batching.BatchRuns(batching.InMemoryBatches(x, 2, seed=1), 5, budget=lambda b=budget: b)
+        for epoch in (0, 1):
+            runs.sampler.set_epoch(epoch)
+            single.sampler.set_epoch(epoch)
+            got = list(runs)
+            assert [len(r) for r in got] == plan
+            flat = [b for run in got for b in run]
+            assert all(torch.equal(a[1], b[1]) for a, b in zip(flat, single, strict=True))
+
+
+def _fit(data, cfg, callbacks=(), **flags):
+    """A small VAE fitted under the driver's flags (the module's switches): its history,
+    validations and parameters."""
+    torch.manual_seed(0)
+    m = models.build_model("vae", {"latent_dim": 3, "hidden": [16]}, data.data_dim, data.n_train)
+    saved = {k: getattr(train, k) for k in flags}
+    try:
+        for k, v in flags.items():
+            setattr(train, k, v)
+        res = fit(m, data, TrainConfig(**{"batch_size": 50, "lr": 0.01, "progress": False, **cfg}),
+                  callbacks=list(callbacks))
+    finally:
+        for k, v in saved.items():
+            setattr(train, k, v)
+    return res, {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+REFERENCE = {"IN_MEMORY_BATCHES": False, "LEAN_HOOKS": False, "STEPS_PER_BATCH": 1}
+
+
+@pytest.mark.parametrize("cfg", [{"epochs": 3}, {"steps": 17, "lr_final": 1e-3}, {"epochs": 2, "clip_norm": 5.0}],
+                         ids=["epochs", "steps-mid-epoch", "clipped"])
+def test_driver_fast_paths_leave_the_fit_bit_for_bit(cfg):
+    d = loaders.load_dataset("digits", binarize="dynamic")  # draws per batch, validation at each epoch's end
+    data = loaders.DataSplits("digits", d.train[:300], d.val[:40], d.test[:20], binarize="dynamic")
+    runs = []
+
+    class Runs(__import__("lightning.pytorch").pytorch.Callback):  # (epoch hooks only: runs of steps allowed)
+        def on_train_epoch_end(self, trainer, module):
+            runs.append(module.steps_per_batch)
+
+    fast, p_fast = _fit(data, cfg, [Runs()])
+    ref, p_ref = _fit(data, cfg, **REFERENCE)
+    assert runs and set(runs) == {train.STEPS_PER_BATCH}  # the fast fit ran several steps per Lightning batch
+    assert fast.steps == ref.steps == (cfg.get("steps") or 6 * cfg["epochs"])
+    assert [r["loss"] for r in fast.history] == [r["loss"] for r in ref.history]  # the same steps
+    assert [r["step"] for r in fast.history] == list(range(1, fast.steps + 1))
+    assert [(v["step"], v["val_elbo"]) for v in fast.validations] == [(v["step"], v["val_elbo"])
+                                                                       for v in ref.validations]
+    # at each completed epoch's end (6 steps), not where a step budget ends
+    assert [v["step"] for v in fast.validations] == list(range(6, fast.steps + 1, 6))
+    for n in p_ref:  # bit for bit: the same operations on the same numbers
+        assert torch.equal(p_fast[n], p_ref[n]), n
+
+
+@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended")
+def test_a_fit_resumed_mid_epoch_goes_on_as_the_reference(tmp_path):
+    d = loaders.load_dataset("digits", binarize="threshold")
+    data = loaders.DataSplits("digits", d.train[:300], d.val[:40], d.test[:0], binarize="threshold")
+    ends = {}
+    for name, flags in (("fast", {}), ("reference", REFERENCE)):
+        out = str(tmp_path / name)
+        for steps, resume in ((9, False), (16, True)):  # 6 steps an epoch: the first fit stops mid-epoch
+            torch.manual_seed(0)
+            m = models.build_model("vae", {"latent_dim": 3, "hidden": [16]}, data.data_dim, data.n_train)
+            saved = {k: getattr(train, k) for k in flags}
+            try:
+                for k, v in flags.items():
+                    setattr(train, k, v)
+                res = fit(m, data, TrainConfig(steps=steps, batch_size=50, lr=0.01, progress=False), out_dir=out,
+                          resume=resume)
+            finally:
+                for k, v in saved.items():
+                    setattr(train, k, v)
+        ends[name] = (res, {n: p.detach().clone() for n, p in m.named_parameters()})
+    (fast, p_fast), (ref, p_ref) = ends["fast"], ends["reference"]
+    assert fast.steps == ref.steps == 16
+    assert [r["loss"] for r in fast.history] == [r["loss"] for r in ref.history]
+    assert [v["val_elbo"] for v in fast.validations] == [v["val_elbo"] for v in ref.validations]
+    for n in p_ref:
+        assert torch.equal(p_fast[n], p_ref[n]), n
+
+
+def test_a_per_step_callback_sees_single_steps():
+    d = loaders.load_dataset("digits", binarize="threshold")
+    data = loaders.DataSplits("digits", d.train[:300], d.val[:0], d.test[:0], binarize="threshold")
+    seen = []
+
+    class Steps(__import__("lightning.pytorch").pytorch.Callback):
+        def on_train_batch_end(self, trainer, module, *a):
+            seen.append((trainer.global_step, module.steps_per_batch))
+
+    _fit(data, {"steps": 8}, [Steps()])
+    assert seen == [(s, 1) for s in range(1, 9)]
+    res, _ = _fit(data, {"steps": 8, "val_every": 4})  # validation every few steps: single steps too
+    assert res.steps == 8
+
+
+@pytest.mark.parametrize("name,config", [("vae", {"latent_dim": 3, "hidden": [16], "guide": "per-datapoint"}),
+                                         ("gmvae", {"latent_dim": 3, "hidden": [16], "n_components": 4}),
+                                         ("gaussian", {"guide": "structured"})])
+def test_recorded_sites_are_pyros_trace(digits, name, config):
+    x = digits.train[IDX] if name != "gaussian" else digits.train[IDX, :3] * 4.0
+    torch.manual_seed(0)
+    m = models.build_model(name, config, x.shape[1], N_DATA)
+    for K in (1, 3):
+        with pyro.validation_enabled(False), traces.batch(m, x, IDX):
+            torch.manual_seed(4)
+            guide_sites, model_sites = traces.trace_pair(m.model, m.guide, (x,), K, m.max_plate_nesting)
+            torch.manual_seed(4)
+            with traces.particles(K, m.max_plate_nesting):
+                guide_tr = pyro.poutine.trace(m.guide).get_trace(x)
+                model_tr = pyro.poutine.trace(pyro.poutine.replay(m.model, trace=guide_tr)).get_trace(x)
+        for ours, theirs in ((guide_sites, guide_tr), (model_sites, model_tr)):
+            sample = [n for n, s in theirs.nodes.items() if s["type"] == "sample"]
+            assert list(ours.nodes) == sample and sample
+            for n in sample:
+                a, b = ours.nodes[n], theirs.nodes[n]
+                assert torch.equal(a["value"], b["value"]) and a["scale"] == b["scale"], n
+                assert a["is_observed"] == b["is_observed"] and a["cond_indep_stack"] == b["cond_indep_stack"]
+                assert type(a["fn"]) is type(b["fn"])
+                assert getattr(a["fn"], "batch_shape", None) == getattr(b["fn"], "batch_shape", None)
+            # the Trace made of the recorded sites scores as Pyro's does
+            assert torch.equal(traces.as_trace(ours).log_prob_sum(), theirs.log_prob_sum())
+
+
+# ------------------------------------------------------------------ the compiled evaluation
+
+
+def _compiled_against_traced(digits, backend):
+    x = digits.test[:30]
+    for name, config in (("vae", {"latent_dim": 3, "hidden": [16]}),
+                         ("gmvae", {"latent_dim": 3, "hidden": [16], "n_components": 4})):  # a mixture prior
+        torch.manual_seed(0)
+        m = models.build_model(name, config, digits.data_dim, digits.n_train)
+        assert evaluate.CompiledLogWeights.applies(m)
+        ref = importance_estimates(m, x, 64, seed=1, particle_chunk=24, compiled=False)  # chunks of 24, 24, 16
+        fast = importance_estimates(m, x, 64, seed=1, particle_chunk=24, compiled=True)
+        for key in ref:  # the same draws; per-row sums of 64 float32 log densities in another order: ~1e-6
+            torch.testing.assert_close(fast[key].values, ref[key].values, rtol=0, atol=2e-5,
+                                       msg=lambda m_, key=key: f"{name} {key} ({backend}): {m_}")
+
+
+def test_compiled_evaluation_is_the_traced_one(digits, monkeypatch):
+    # torch.compile's "eager" backend: the compiled path's draws and formula (the inductor
+    # backend's code generation, seconds per shape, is the slow test below)
+    monkeypatch.setattr(evaluate, "COMPILE_BACKEND", "eager")
+    _compiled_against_traced(digits, "eager")
+    torch.manual_seed(0)
+    m = models.build_model("vae", {"latent_dim": 3, "hidden": [16]}, digits.data_dim, digits.n_train)
+    calls = []
+    monkeypatch.setattr(evaluate.CompiledLogWeights, "__call__",
+                        lambda self, x, k, f=evaluate.CompiledLogWeights.__call__: calls.append(k) or f(self, x, k))
+    grey = loaders.load_dataset("digits").test[:10]  # grey levels: the traced path (Bernoulli refuses them there)
+    with pyro.validation_enabled(False):
+        a = importance_estimates(m, grey, 16, seed=2, compiled=True)
+        b = importance_estimates(m, grey, 16, seed=2, compiled=False)
+    assert not calls and torch.equal(a["log_likelihood"].values, b["log_likelihood"].values)
+    x = digits.test[:10]
+    importance_estimates(m, x, 40, seed=2)  # 400 samples: below the size from which compiling pays
+    assert not calls
+    monkeypatch.setattr(evaluate, "COMPILE_MIN_SAMPLES", 400)
+    importance_estimates(m, x, 40, seed=2)
+    assert calls == [40]
+    for name, config in (("vae", {"latent_dim": 3, "hidden": [16], "guide": "per-datapoint"}),
+                         ("vae", {"latent_dim": 3, "hidden": [16], "likelihood": "gaussian"}),
+                         ("ppca", {"latent_dim": 3})):
+        assert not evaluate.CompiledLogWeights.applies(models.build_model(name, config, digits.data_dim, 40))
+
+
+@pytest.mark.slow
+def test_compiled_evaluation_with_inductor_is_the_traced_one(digits):
+    _compiled_against_traced(digits, "inductor")
