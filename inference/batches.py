@@ -141,27 +141,34 @@ class BatchRun:
 
 class BatchRuns:
     """An epoch of ``batches`` (an :class:`InMemoryBatches`) as runs of ``size``
-    consecutive batches (:class:`BatchRun`), the last run of the epoch shorter. An epoch
-    in which the step budget ends (``budget()``, called as the epoch starts: the steps
-    the fit may still take, None for no limit) is one batch a run: the fit stops, and a
-    checkpoint taken there records its progress, as after single batches. The batches,
-    their order and their draws are ``batches``'s own; ``sampler`` is ``batches``'s.
+    consecutive batches (:class:`BatchRun`), the last run of the epoch shorter. In the
+    epoch where the step budget ends (``budget()``, called as the epoch starts: the steps
+    the fit may still take, None for no limit) a run ends where the budget does, so that
+    the fit stops where it would after single batches; with ``single_at_budget`` that
+    epoch is one batch a run instead, so that a checkpoint taken where the fit stops
+    records its progress in batches, as after single batches (a fit resumed from it
+    goes on as before). The batches, their order and their draws are ``batches``'s own;
+    ``sampler`` is ``batches``'s.
 
     It has no ``len()``, on purpose: Lightning then ends the epoch (and validates) when
     the runs are exhausted, not after a number of Lightning batches fixed in advance."""
 
-    def __init__(self, batches: InMemoryBatches, size: int, budget: Callable[[], int | None] = lambda: None):
+    def __init__(self, batches: InMemoryBatches, size: int, budget: Callable[[], int | None] = lambda: None,
+                 single_at_budget: bool = False):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
-        self.batches, self.size, self.budget = batches, size, budget
+        self.batches, self.size, self.budget, self.single_at_budget = batches, size, budget, single_at_budget
         self.sampler = batches.sampler
 
     def plan(self) -> list[int]:
         """The lengths of this epoch's runs."""
         n, left = len(self.batches), self.budget()
-        if left is not None and left < n:
+        if left is None or left >= n:
+            left = n
+        elif self.single_at_budget:
             return [1] * n
-        return [min(self.size, n - start) for start in range(0, n, self.size)]
+        edges = sorted({*range(0, n, self.size), left, n})
+        return [b - a for a, b in zip(edges, edges[1:])]
 
     def __iter__(self) -> Iterator[BatchRun]:
         source = iter(self.batches)

@@ -129,7 +129,9 @@ class SVIModule(pl.LightningModule):
                       world_size=self.trainer.world_size)
         if self.steps_per_batch == 1:
             return loader
-        return BatchRuns(loader, self.steps_per_batch, budget=self.steps_left)
+        # (a fit that keeps checkpoints takes single batches in the epoch where it stops)
+        return BatchRuns(loader, self.steps_per_batch, budget=self.steps_left,
+                         single_at_budget=self.trainer.checkpoint_callback is not None)
 
     def steps_left(self) -> int | None:
         """The optimizer steps this fit may still take (None: no step budget)."""
@@ -176,6 +178,7 @@ class SVIModule(pl.LightningModule):
         match_state_layouts(opts)
         self.step_optimizers = opts if isinstance(opts, list) else [opts]
         self.step_schedulers = scheds if isinstance(scheds, list) else [scheds] if scheds is not None else []
+        self.step_progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
 
     def configure_optimizers(self):
         rows = {id(p) for p in self.row_params}
@@ -195,13 +198,15 @@ class SVIModule(pl.LightningModule):
 
     # -- the step ----------------------------------------------------------
     def training_step(self, rows_batch, batch_idx):
-        if not isinstance(rows_batch, BatchRun):
-            self.train_on(*rows_batch)
-            return
-        for x, idx in rows_batch:  # a run of batches: one step each (steps_per_batch)
-            if x.device != self.device:
-                x, idx = x.to(self.device), idx.to(self.device)
-            self.train_on(x, idx)
+        # Pyro's validation off for the steps (train_on turns it on for the first one)
+        with pyro.validation_enabled(False):
+            if not isinstance(rows_batch, BatchRun):
+                self.train_on(*rows_batch)
+                return
+            for x, idx in rows_batch:  # a run of batches: one step each (steps_per_batch)
+                if x.device != self.device:
+                    x, idx = x.to(self.device), idx.to(self.device)
+                self.train_on(x, idx)
 
     def train_on(self, x: torch.Tensor, idx: torch.Tensor) -> None:
         """One step on the rows x (B, D) at positions idx (B,) of the training set: the
@@ -214,9 +219,9 @@ class SVIModule(pl.LightningModule):
         if self.steps_run == 0 or VALIDATE_EVERY_STEP:
             with pyro.validation_enabled(self.validate):
                 loss = self.objective.loss(self.model, x, idx)
-        else:
-            with pyro.validation_enabled(False), rows_of(self.model, x, idx):  # objective.loss, its model
-                loss = self.objective(self.model.model, self.model.guide, x)  # check made once (setup)
+        else:  # objective.loss, without finding out again whether the model vectorizes (setup did)
+            with rows_of(self.model, x, idx):
+                loss = self.objective(self.model.model, self.model.guide, x)
         self.steps_run += 1
         if self.lean_hooks:
             loss.backward()
@@ -243,11 +248,10 @@ class SVIModule(pl.LightningModule):
             for v in values:
                 v.mul_(coef)
         opts = self.step_optimizers
-        if self.lean_hooks:  # Lightning counts the optimizer steps: one per batch
-            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-            progress.increment_ready()
+        if self.lean_hooks:  # counted in Lightning's progress as its optimizer wrapper counts a step
+            self.step_progress.increment_ready()
             opts[0].optimizer.step()
-            progress.increment_completed()
+            self.step_progress.increment_completed()
         else:
             opts[0].step()
         for opt in opts[1:]:  # SparseAdam over the tables (--sparse-rows)

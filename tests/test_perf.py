@@ -314,11 +314,13 @@ def test_in_memory_batches_are_the_dataloaders(world_size):
     assert all(torch.equal(xb, x[ib]) for xb, ib in rows)
 
 
-def test_batch_runs_cover_the_epoch_in_order_and_single_batches_where_the_budget_ends():
+def test_batch_runs_cover_the_epoch_in_order_and_end_where_the_budget_does():
     x = torch.arange(23.0)[:, None]
     single = batching.InMemoryBatches(x, 2, seed=1)  # 12 batches an epoch
-    for budget, plan in ((None, [5, 5, 2]), (7, [1] * 12), (12, [5, 5, 2]), (30, [5, 5, 2])):
-        runs = batching.BatchRuns(batching.InMemoryBatches(x, 2, seed=1), 5, budget=lambda b=budget: b)
+    for budget, singles, plan in ((None, False, [5, 5, 2]), (7, False, [5, 2, 3, 2]), (7, True, [1] * 12),
+                                  (12, True, [5, 5, 2]), (30, False, [5, 5, 2])):
+        runs = batching.BatchRuns(batching.InMemoryBatches(x, 2, seed=1), 5, budget=lambda b=budget: b,
+                                  single_at_budget=singles)
         for epoch in (0, 1):
             runs.sampler.set_epoch(epoch)
             single.sampler.set_epoch(epoch)
