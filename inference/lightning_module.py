@@ -339,12 +339,13 @@ def steps_per_batch(trainer: pl.Trainer, module: "SVIModule") -> int:
             return False
         if type(cb) is ModelCheckpoint:
             return cb._every_n_train_steps >= 1 or cb._train_time_interval is not None
-        return any(is_overridden(h, cb, pl.Callback) for h in ("on_train_batch_start", "on_train_batch_end"))
+        return any(is_overridden(h, cb, pl.Callback) for h in hooks)
 
+    hooks = ("on_train_batch_start", "on_train_batch_end")
     per_epoch = len(EpochBatches(module.data.n_train, module.train_config.batch_size))
     if (STEPS_PER_BATCH <= 1 or not IN_MEMORY_BATCHES or not module.lean_hooks or trainer.global_step % per_epoch
             or module.train_config.val_every is not None or any(per_step(cb) for cb in trainer.callbacks)
-            or any(is_overridden(h, module, pl.LightningModule) for h in ("on_train_batch_start", "on_train_batch_end"))):
+            or any(is_overridden(h, module, pl.LightningModule) for h in hooks)):
         return 1
     return STEPS_PER_BATCH
 
