@@ -16,10 +16,16 @@ Sections (--sections, comma-separated; default all):
   digits VAE (64-300-300-10 ELU, the Monte Carlo ELBO fit.py uses by default).
 * threads: the CS236 VAE's step, hand-written and under the driver, with 1 and 2
   threads (the ratios use --threads; more threads only where both sides gain).
+* profile: where a step of the CS236 VAE goes (one MNIST epoch): CPU milliseconds a
+  step in each phase (rows, loss, backward, Adam) of the tuned hand-written loop and of
+  elbolab's objective without Lightning, and the driver's whole step; the driver's own
+  share (checks, Lightning's loop, bookkeeping) is what it takes beyond the objective's.
 * iwae: milliseconds per IWAE and IWAE-DReG step at K = 1, 5, 50 (CS236 VAE).
 * eval: the K = 5000 importance-sampled log-likelihood of MNIST test images:
   samples per second and the floating-point rate against this machine's own
-  matrix-multiply rate on the same shapes (the same products, nothing else).
+  matrix-multiply rate on the same shapes (the same products, nothing else), for the
+  traced (eager) path and the compiled one (decoder and likelihood), with the time
+  compiling takes and both extrapolated to the whole test set.
 * ppca: seconds until PPCA (digits, k = 10) is within 0.01 nats per datapoint of
   the closed-form maximum likelihood, for SVI and for EM.
 * growth: time against N, K, latent size and hidden size, with log-log slopes.
@@ -30,8 +36,9 @@ Sections (--sections, comma-separated; default all):
 
 Hand-written sides come twice: as users write them (torch.optim.Adam's default, on
 a CPU the per-tensor loop; torch.bernoulli for dynamic binarization) and "tuned",
-with what elbolab's driver does that is not Pyro's (fused Adam, u < x draws,
-denormal floats flushed to zero).
+with what elbolab's driver does that is not Pyro's (fused Adam, the rows gathered by
+index_select and drawn as u < x in place, gradients cleared without the optimizer's
+wrapper, denormal floats flushed to zero).
 
 Writes --out DIR/results.json and DIR/table.md.
 """
@@ -73,7 +80,7 @@ from elbolab.inference.runs import RunDir
 from elbolab.scripts import _cli
 
 PROG = "elbolab benchmark"
-SECTIONS = ("train", "threads", "iwae", "eval", "ppca", "growth", "cs236", "baseline")
+SECTIONS = ("train", "profile", "threads", "iwae", "eval", "ppca", "growth", "cs236", "baseline")
 DEFAULT_SECTIONS = SECTIONS[:-1]  # the baseline needs --baseline REF
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MNIST = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "mnist"))
@@ -442,6 +449,87 @@ def train_section(args, data: Data) -> dict:
                      "sides": res}
         print(f"[train] {name}: " + ", ".join(f"{k} {v['median']:.3f} s/epoch ({v['ratio_to_hand']:.2f}x)"
                                             for k, v in res.items()), file=sys.stderr)
+    return out
+
+
+def profile_section(args, data: Data) -> dict:
+    """CPU milliseconds a step (the main thread's, which does all the work at one thread)
+    in each phase, for the tuned hand-written loop and elbolab's objective without
+    Lightning, and the driver's whole step: one epoch each, alternated."""
+    dname, config, epochs = ("digits", {}, 1) if args.quick else ("mnist", CS236, 1)
+    d = data.get(dname)
+    build, x, n, dyn = builder(config, d), d.train, d.n_train, d.binarize == "dynamic"
+    objective, steps = "elbo-analytic", epochs * math.ceil(n / 100)
+    clock = time.thread_time
+
+    def phased(hand: bool) -> Callable[[], dict]:
+        def run() -> dict:
+            model = build()
+            net = HandVAE.like(model)
+            obj = build_objective(objective, 1)
+            params = list(net.parameters() if hand else model.parameters())
+            opt = adam(params, lr=1e-3)
+            acc = dict.fromkeys(("rows", "loss", "backward", "adam"), 0.0)
+            with pyro.validation_enabled(False), flushed_denormals():
+                for _ in range(epochs):
+                    rows = batches(x, 100, dyn, tuned=True)
+                    while True:
+                        t0 = clock()
+                        try:
+                            xb, idx = next(rows)
+                        except StopIteration:
+                            break
+                        t1 = clock()
+                        zero_grads(params)
+                        if hand:
+                            loss = net.loss(xb, n, objective)
+                        else:
+                            with batch(model, xb, idx):
+                                loss = obj(model.model, model.guide, xb)
+                        t2 = clock()
+                        loss.backward()
+                        t3 = clock()
+                        opt.step()
+                        t4 = clock()
+                        for k, a, b in (("rows", t0, t1), ("loss", t1, t2), ("backward", t2, t3), ("adam", t3, t4)):
+                            acc[k] += b - a
+            return {k: v * 1e3 / steps for k, v in acc.items()}
+        return run
+
+    def driver() -> dict:
+        model = build()
+        import lightning.pytorch as pl
+
+        class CPU(pl.Callback):
+            t0 = t1 = None
+
+            def on_train_epoch_start(self, trainer, module):
+                self.t0 = self.t0 or clock()
+
+            def on_train_end(self, trainer, module):
+                self.t1 = clock()
+
+        timer = CPU()
+        fit(model, d, TrainConfig(objective=objective, epochs=epochs, threads=args.threads, progress=False),
+            callbacks=[timer])
+        return {"step": (timer.t1 - timer.t0) * 1e3 / steps}
+
+    sides = {"hand-tuned": phased(True), "objective": phased(False), "driver": driver}
+    for f in sides.values():  # warm-up
+        f()
+    runs: dict[str, list[dict]] = {k: [] for k in sides}
+    for _ in range(min(args.reps, 3)):
+        for k, f in sides.items():
+            runs[k].append(f())
+    out = {"model": config, "data": dname, "objective": objective, "steps": steps, "unit": "CPU ms/step",
+           "sides": {k: {p: statistics.median(r[p] for r in v) for p in v[0]} for k, v in runs.items()}}
+    for k in ("hand-tuned", "objective"):
+        out["sides"][k]["step"] = sum(out["sides"][k].values())
+    s = out["sides"]
+    out["driver_own"] = s["driver"]["step"] - s["objective"]["step"]
+    out["pyro_own"] = s["objective"]["step"] - s["hand-tuned"]["step"]
+    print("[profile] " + "; ".join(f"{k}: " + ", ".join(f"{p} {v:.3f}" for p, v in ph.items())
+                                   for k, ph in s.items()) + " (CPU ms/step)", file=sys.stderr)
     return out
 
 
@@ -863,8 +951,8 @@ def baseline_section(args, data: Data) -> dict:
     return out
 
 
-RUNNERS = {"train": train_section, "threads": threads_section, "iwae": iwae_section, "eval": eval_section,
-           "ppca": ppca_section,
+RUNNERS = {"train": train_section, "profile": profile_section, "threads": threads_section, "iwae": iwae_section,
+           "eval": eval_section, "ppca": ppca_section,
            "growth": growth_section, "cs236": cs236_section, "baseline": baseline_section}
 
 
@@ -886,6 +974,18 @@ def table(results: dict) -> list[str]:
                          f"| {cell('objective')} | {cell('driver')} | {s['driver']['ratio_to_hand-tuned']:.2f}x "
                          f"| {target} |")
         lines.append("")
+    pr = results.get("profile")
+    if pr:
+        s = pr["sides"]
+        lines += [f"| step profile ({pr['data']}, {pr['objective']}), {pr['unit']} | rows | loss | backward | Adam "
+                  "| whole step |", "|---|---|---|---|---|---|"]
+        for who in ("hand-tuned", "objective"):
+            p = s[who]
+            lines.append(f"| {who} | {p['rows']:.3f} | {p['loss']:.3f} | {p['backward']:.3f} | {p['adam']:.3f} "
+                         f"| {p['step']:.3f} |")
+        lines += [f"| driver | | | | | {s['driver']['step']:.3f} |",
+                  f"| Pyro's share (objective - hand), the driver's own (driver - objective) | | | | | "
+                  f"{pr['pyro_own']:.3f}, {pr['driver_own']:.3f} |", ""]
     th = results.get("threads")
     if th:
         s = th["sides"]

@@ -276,7 +276,7 @@ def test_benchmark_yardstick_is_the_same_math(digits, objective):
 
 def test_benchmark_quick_run_writes_its_results(tmp_path):
     out = tmp_path / "bench"
-    assert benchmark.main(["--quick", "--sections", "train,eval", "--reps", "1", "--out", str(out)]) == 0
+    assert benchmark.main(["--quick", "--sections", "train,profile,eval", "--reps", "1", "--out", str(out)]) == 0
     import json
 
     res = json.loads((out / "results.json").read_text())
@@ -286,6 +286,12 @@ def test_benchmark_quick_run_writes_its_results(tmp_path):
     assert all(v["median"] > 0 and v["ratio_to_hand"] > 0 for v in tr["sides"].values())
     assert 0 < res["eval"]["share_of_matmul_rate"] and res["machine"]["threads"] == 1
     assert "| training, s/epoch" in (out / "table.md").read_text()
+    pr = res["profile"]["sides"]  # CPU ms a step: the phases add up to the step, the shares are differences
+    for who in ("hand-tuned", "objective"):
+        assert all(pr[who][p] > 0 for p in ("rows", "loss", "backward", "adam"))
+        assert pr[who]["step"] == pytest.approx(sum(pr[who][p] for p in ("rows", "loss", "backward", "adam")))
+    assert res["profile"]["driver_own"] == pytest.approx(pr["driver"]["step"] - pr["objective"]["step"])
+    assert "| step profile (digits" in (out / "table.md").read_text()
     for bad in (["--sections", "nope"], ["--sections", "baseline"], ["--sections", "train", "--data-dir", "/nope"]):
         assert benchmark.main([*bad, "--out", str(tmp_path / "x")]) == 2  # refused before any work
     assert not (tmp_path / "x").exists()
