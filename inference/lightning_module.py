@@ -34,7 +34,7 @@ from elbolab.inference.traces import batch as rows_of, vectorizes
 from elbolab.inference.train_config import TrainConfig, warmup_batch
 
 VAL_SEED = 20_24  # validation draws use their own fixed seed: common random numbers
-# Two measured choices of the step (README, "Performance"; tests/test_perf.py checks
+# Two measured choices of the step (docs/performance.md; tests/test_perf.py checks
 # that each leaves the numbers as they were): Adam as one fused kernel over all
 # parameters, and Pyro's validation on the warm-up pass and the first step of a
 # session only (while it is on for the caller), not on every step.

@@ -22,6 +22,8 @@
 No timing is asserted anywhere (scripts/benchmark.py prints the ratios).
 """
 
+import contextlib
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -336,20 +338,27 @@ def test_batch_runs_cover_the_epoch_in_order_and_end_where_the_budget_does():
             assert all(torch.equal(a[1], b[1]) for a, b in zip(flat, single, strict=True))
 
 
-def _fit(data, cfg, callbacks=(), **flags):
-    """A small VAE fitted under the driver's flags (the module's switches): its history,
-    validations and parameters."""
-    torch.manual_seed(0)
-    m = models.build_model("vae", {"latent_dim": 3, "hidden": [16]}, data.data_dim, data.n_train)
+@contextlib.contextmanager
+def _flags(**flags):
+    """The driver's switches (module constants of lightning_module) set for the duration."""
     saved = {k: getattr(train, k) for k in flags}
     try:
         for k, v in flags.items():
             setattr(train, k, v)
-        res = fit(m, data, TrainConfig(**{"batch_size": 50, "lr": 0.01, "progress": False, **cfg}),
-                  callbacks=list(callbacks))
+        yield
     finally:
         for k, v in saved.items():
             setattr(train, k, v)
+
+
+def _fit(data, cfg, callbacks=(), fit_kwargs=None, **flags):
+    """A small VAE fitted under the driver's flags (the module's switches): its history,
+    validations and parameters."""
+    torch.manual_seed(0)
+    m = models.build_model("vae", {"latent_dim": 3, "hidden": [16]}, data.data_dim, data.n_train)
+    with _flags(**flags):
+        res = fit(m, data, TrainConfig(**{"batch_size": 50, "lr": 0.01, "progress": False, **cfg}),
+                  callbacks=list(callbacks), **(fit_kwargs or {}))
     return res, {n: p.detach().clone() for n, p in m.named_parameters()}
 
 
@@ -389,18 +398,7 @@ def test_a_fit_resumed_mid_epoch_goes_on_as_the_reference(tmp_path):
     for name, flags in (("fast", {}), ("reference", REFERENCE)):
         out = str(tmp_path / name)
         for steps, resume in ((9, False), (16, True)):  # 6 steps an epoch: the first fit stops mid-epoch
-            torch.manual_seed(0)
-            m = models.build_model("vae", {"latent_dim": 3, "hidden": [16]}, data.data_dim, data.n_train)
-            saved = {k: getattr(train, k) for k in flags}
-            try:
-                for k, v in flags.items():
-                    setattr(train, k, v)
-                res = fit(m, data, TrainConfig(steps=steps, batch_size=50, lr=0.01, progress=False), out_dir=out,
-                          resume=resume)
-            finally:
-                for k, v in saved.items():
-                    setattr(train, k, v)
-        ends[name] = (res, {n: p.detach().clone() for n, p in m.named_parameters()})
+            ends[name] = _fit(data, {"steps": steps}, fit_kwargs={"out_dir": out, "resume": resume}, **flags)
     (fast, p_fast), (ref, p_ref) = ends["fast"], ends["reference"]
     assert fast.steps == ref.steps == 16
     assert [r["loss"] for r in fast.history] == [r["loss"] for r in ref.history]
