@@ -994,6 +994,12 @@ RUNNERS = {"train": train_section, "profile": profile_section, "threads": thread
 
 def table(results: dict) -> list[str]:
     lines = []
+    earlier = results.get("earlier")
+    if earlier:  # sections kept from a fuller run than the one that wrote the others
+        lines += [f"Sections {', '.join(earlier['sections'])}: from an earlier run, `{earlier['command']}` "
+                  f"({earlier['clock']} clock, medians of {earlier['reps']} repetitions, load average "
+                  f"{earlier['load_average_before']} before), not re-measured with the code of the other "
+                  "sections.", ""]
     tr = results.get("train")
     if tr:
         lines += ["| training, s/epoch (ratio to hand-written) | hand-written, default Adam | hand-written, tuned "
