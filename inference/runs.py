@@ -624,7 +624,7 @@ def write_figures(model, data: DataSplits, spec: RunSpec, result, metrics: dict,
     from elbolab.inference.plots import loss_curve, model_pictures
 
     label = f"{spec.model} / {spec.train.objective}"
-    ref = metrics.get("mle_log_likelihood")
+    ref = metrics.get("quantities", {}).get("mle_log_likelihood", {}).get("value")
     loss_curve(result.history, result.validations, os.path.join(out, "loss_curve.png"),
                title=f"{label} on {data.name}", reference=ref,
                reference_label="closed-form max log-likelihood" if ref is not None else "")
