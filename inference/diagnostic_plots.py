@@ -212,7 +212,7 @@ def forest_plot(posteriors: dict, variables, path: str, title: str, caption: str
         ax.set_xlabel(f"{var} (its own units)", fontsize=8)
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="x", alpha=0.3)
-    fig.legend(handles=_legend_handles(names), loc="outside upper right", fontsize=8, ncols=min(len(names), 5))
+    fig.legend(handles=_legend_handles(names), loc="outside lower center", fontsize=8, ncols=min(len(names), 5))
     _suptitle(fig, f"{title}\n{INTERVAL:.0%} interval (thin), interquartile range (thick), median (dot)", caption)
     save_figure(fig, path)
     return fig
@@ -361,7 +361,7 @@ def posterior_plot(posteriors: dict, variables, path: str, title: str, caption: 
         ax.set_xlabel("value", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.set_yticks([])
-    fig.legend(handles=_legend_handles(names), loc="outside upper right", fontsize=8, ncols=min(len(names), 5))
+    fig.legend(handles=_legend_handles(names), loc="outside lower center", fontsize=8, ncols=min(len(names), 5))
     _suptitle(fig, f"{title}: posterior densities; bars: {INTERVAL:.0%} intervals", caption)
     save_figure(fig, path)
     return fig

@@ -173,9 +173,14 @@ def latent_scatter(means, labels, path: str, title: str):
     fig, ax = plt.subplots(figsize=(6.2, 5))
     if labels is not None:
         labels = np.asarray(labels)
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=6, alpha=0.8,
-                        vmin=min(0, labels.min()) - 0.5, vmax=9.5 if labels.max() <= 9 else labels.max() + 0.5)
-        fig.colorbar(sc, ax=ax, ticks=np.unique(labels), label="class label")
+        classes = np.unique(labels)
+        cmap = plt.get_cmap("tab10" if classes.size <= 10 else "tab20" if classes.size <= 20 else "viridis",
+                            classes.size if classes.size <= 20 else None)
+        index = np.searchsorted(classes, labels)  # colours by class, whatever the labels' values
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=index, cmap=cmap, s=6, alpha=0.8, vmin=-0.5, vmax=classes.size - 0.5)
+        bar = fig.colorbar(sc, ax=ax, label="class label")
+        if classes.size <= 20:
+            bar.set_ticks(np.arange(classes.size), labels=[str(c) for c in classes])
     else:
         ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.6)
     ax.set_xlabel(names[0] if k > 2 else f"{names[0]} (latent mean)")
