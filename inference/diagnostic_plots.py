@@ -174,9 +174,22 @@ def _legend_handles(names) -> list:
 # ----------------------------------------------------------------------------- forest
 
 
+def _spread_out(entries: list, ratio: float = 3.0) -> bool:
+    """Whether a variable's elements (``[(label, {method: draws})]``) lie so far apart that
+    on one axis each interval would be a speck: the range of their medians exceeds
+    ``ratio`` times the widest 94% interval."""
+    if len(entries) < 2:
+        return False
+    medians = [float(np.median(v)) for _, draws in entries for v in draws.values()]
+    widest = max(np.subtract(*_interval(v)[::-1]) for _, draws in entries for v in draws.values())
+    return max(medians) - min(medians) > ratio * max(widest, 1e-300)
+
+
 def forest_plot(posteriors: dict, variables, path: str, title: str, caption: str = ""):
     """One panel per variable, each with its own x axis (variables of different scales
-    never share one): for each element and posterior the 94% central interval (thin), the
+    never share one; a variable whose elements lie far apart beside their intervals, like a
+    precision matrix's positive diagonal and negative off-diagonal, a panel per element):
+    for each element and posterior the 94% central interval (thin), the
     interquartile range (thick) and the median (dot), labelled with the element's full
     name. ``variables``: names or (name, selection) pairs. ``caption``: a line under the
     title (e.g. which rows are shown and why)."""
@@ -185,6 +198,13 @@ def forest_plot(posteriors: dict, variables, path: str, title: str, caption: str
     by_var: dict[str, list] = {}
     for var, label, _, draws in table:
         by_var.setdefault(var, []).append((label, draws))
+    panels: dict[str, list] = {}  # a panel per variable, or per element where its elements lie far apart
+    for var, entries in by_var.items():
+        if _spread_out(entries):  # e.g. a precision matrix's +8 diagonal and -7 off-diagonal
+            panels.update({label: [(label, draws)] for label, draws in entries})
+        else:
+            panels[var] = entries
+    by_var = panels
     heights = [max(1, len(v)) * (0.18 * len(names) + 0.25) + 0.5 for v in by_var.values()]
     fig, axes = plt.subplots(len(by_var), 1, figsize=(7.5, sum(heights) + 1.2), squeeze=False,
                              gridspec_kw={"height_ratios": heights}, layout="constrained")
@@ -375,7 +395,8 @@ def interval_comparison_plot(posteriors: dict, var: str, path: str, title: str, 
     """The headline of a comparison of guides: one panel per element of ``var`` (a
     vector, e.g. loc), each method's 94% interval and median on the element's own
     scale, the ``reference`` posterior's interval shaded across the panel, and each
-    method's ratio sd / sd(reference) written beside it; and, for a vector of two or more
+    method's variance ratio var / var(reference) written beside it (a mean-field
+    guide's 1 - rho^2 on a Gaussian posterior with correlation rho); and, for a vector of two or more
     elements, a last panel with the first two elements' 94% ellipses (the reference
     filled), where a mean-field guide's missing correlation shows as an axis-aligned,
     narrower ellipse."""
@@ -401,7 +422,7 @@ def interval_comparison_plot(posteriors: dict, var: str, path: str, title: str, 
             ax.plot([a, b], [y, y], color=color, lw=3, solid_capstyle="butt")
             ax.plot([np.median(v)], [y], "o", color=color, ms=5, mfc="white")
             if ref is not None:
-                ax.annotate(f"sd ratio {v.std() / ref.std():.2f}", (b, y), xytext=(4, 0), textcoords="offset points",
+                ax.annotate(f"var ratio {v.var() / ref.var():.2f}", (b, y), xytext=(4, 0), textcoords="offset points",
                             va="center", fontsize=7, color=color)
         ax.set_yticks(range(len(names)), names[::-1], fontsize=8)
         ax.set_ylim(-0.7, len(names) - 0.3)

@@ -20,11 +20,12 @@ def save_figure(fig, path: str, dpi: int = 110) -> None:
 def loss_curve(history: list[dict], validations: list[dict], path: str, title: str = "",
                reference: float | None = None, reference_label: str = ""):
     """Training bound per datapoint (raw and smoothed) against the step, the validation
-    ELBO as a line with its ±2 standard-error band, and an optional horizontal reference
+    ELBO as a line with its ±2 standard-error band (over the validation rows; its width in
+    the legend, as it may run beyond the y range), and an optional horizontal reference
     (e.g. the closed-form optimum). The y range holds the smoothed curve's last nine
     tenths, the validation line and the reference (the raw mini-batch bound may run out
     of it). Returns the Figure."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
     spans = []
     if history:
         steps = np.array([r["step"] for r in history])
@@ -39,8 +40,11 @@ def loss_curve(history: list[dict], validations: list[dict], path: str, title: s
         vs = np.array([v["step"] for v in validations])
         ve = np.array([v["val_elbo"] for v in validations])
         se = np.array([v["val_elbo_se"] for v in validations])
-        ax.fill_between(vs, ve - 2 * se, ve + 2 * se, color="C1", alpha=0.2, lw=0,
-                        label="validation ELBO ±2 s.e. (over rows)")
+        # the s.e. is over the validation rows, the same rows at every step: it says how well the
+        # ELBO on those rows estimates the expected ELBO, not how much one step differs from another
+        ax.fill_between(vs, ve - 2 * se, ve + 2 * se, color="C1", alpha=0.12, lw=0,
+                        label=f"validation ELBO ±2 s.e. over its rows (last: ±{2 * se[-1]:.2g}; the same rows "
+                              "at every step)")
         ax.plot(vs, ve, color="C1", lw=1.5, marker="o" if len(vs) <= 30 else None, ms=3, label="validation ELBO")
         spans.append(ve[len(ve) // 10:])
     if reference is not None:
@@ -55,7 +59,7 @@ def loss_curve(history: list[dict], validations: list[dict], path: str, title: s
     ax.set_ylabel("nats per datapoint (higher is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="outside lower center", fontsize=8, ncols=2)  # below the axes: it hides no curve
     save_figure(fig, path)
     return fig
 

@@ -2,8 +2,8 @@
 function returns (not only that a file exists). Data limits inside the axes' limits, a
 reference line inside the y range, one panel per variable where scales differ, legend
 entries present, labels carrying the variable's name on every row. The posteriors are
-built from closed-form Gaussian draws, so the numbers the figures print (sd ratios) are
-checked against 1 - rho^2 too."""
+built from closed-form Gaussian draws, so the numbers the figures print (variance ratios)
+are checked against 1 - rho^2 too."""
 
 import math
 
@@ -81,13 +81,13 @@ def test_interval_comparison_shows_the_mean_field_under_estimate(posteriors, tmp
         assert [t.get_text() for t in ax.get_yticklabels()] == names[::-1]  # every method has a row
         xs, ys = _line_data(ax)
         assert _inside((xs.min(), xs.max()), ax.get_xlim()) and _inside((ys.min(), ys.max()), ax.get_ylim())
-        # each method's sd against the exact one is printed beside it: mean-field sqrt(1 - rho^2)
+        # each method's variance against the exact one is printed beside it: mean-field 1 - rho^2
         ratios = {t.get_text(): t for t in ax.texts}
-        mf = next(float(t.split()[-1]) for t in ratios if t.startswith("sd ratio") and
+        mf = next(float(t.split()[-1]) for t in ratios if t.startswith("var ratio") and
                   ratios[t].get_color() == P.method_color("mean-field"))
-        # the ratio of two sample sds of N draws each has a relative standard error of about
-        # sqrt(1/N): 0.34 x 0.016 = 0.0054; 0.03 is more than 5 of them
-        assert mf == pytest.approx(math.sqrt(1 - RHO**2), abs=0.03)
+        # the ratio of two sample variances of N draws each has a relative standard error of
+        # about sqrt(4/N): 0.116 x 0.032 = 0.0037; 0.02 is more than 5 of them
+        assert mf == pytest.approx(1 - RHO**2, abs=0.02)
         assert ax.patches  # the exact posterior's interval, shaded
     # the panels keep their own scales: each x range is that coordinate's
     ell = axes[2]
@@ -106,17 +106,22 @@ def test_interval_comparison_shows_the_mean_field_under_estimate(posteriors, tmp
 
 def test_forest_has_one_panel_per_variable_and_full_labels(posteriors, tmp_path):
     fig = P.forest_plot(posteriors, ["loc", "precision"], str(tmp_path / "forest.png"), "t")
-    loc_ax, prec_ax = fig.axes[:2]
-    assert "loc" in loc_ax.get_xlabel() and "precision" in prec_ax.get_xlabel()
+    loc_ax, *prec_axes = fig.axes
+    assert "loc" in loc_ax.get_xlabel() and all("precision" in ax.get_xlabel() for ax in prec_axes)
     # loc (sd 0.03) and precision (about +-8) on separate axes, each fitted to its own draws
-    for ax in (loc_ax, prec_ax):
+    for ax in fig.axes:
         xs, ys = _line_data(ax)
         assert _inside((xs.min(), xs.max()), ax.get_xlim()) and _inside((ys.min(), ys.max()), ax.get_ylim())
-    assert np.ptp(loc_ax.get_xlim()) < 1 < np.ptp(prec_ax.get_xlim())
+    assert np.ptp(loc_ax.get_xlim()) < 1 < max(abs(np.mean(ax.get_xlim())) for ax in prec_axes)
     assert [t.get_text() for t in loc_ax.get_yticklabels()] == ["loc[0]", "loc[1]"]
-    # every row names its variable; the symmetric precision shows its lower triangle only
-    assert [t.get_text() for t in prec_ax.get_yticklabels()] == ["precision[0, 0]", "precision[1, 0]",
-                                                                  "precision[1, 1]"]
+    # every row names its variable; the symmetric precision shows its lower triangle only, and its
+    # elements (diagonal about +8, off-diagonal about -7, intervals about 1 wide) a panel each: on
+    # one axis 16 units wide each interval would be a speck
+    assert [[t.get_text() for t in ax.get_yticklabels()] for ax in prec_axes] == [
+        ["precision[0, 0]"], ["precision[1, 0]"], ["precision[1, 1]"]]
+    for ax in prec_axes:
+        xs, _ = _line_data(ax)
+        assert np.ptp(ax.get_xlim()) < 2 * np.ptp(xs)  # the intervals fill their panel's width
     legend = fig.legends[0]
     assert [t.get_text() for t in legend.get_texts()] == list(posteriors)
 
@@ -171,8 +176,12 @@ def test_loss_curve_band_and_reference_inside(tmp_path):
     assert lo <= tail.min() and tail.max() <= hi  # the validation line's last nine tenths are inside
     assert any(isinstance(c, PolyCollection) for c in ax.collections)  # a shaded band, not error bars
     assert not ax.containers  # no errorbar containers
-    labels = {t.get_text() for t in ax.get_legend().get_texts()}
+    legend = fig.legends[0]  # below the axes, over no curve
+    assert legend.get_window_extent().y1 <= ax.get_window_extent().y0
+    labels = {t.get_text() for t in legend.get_texts()}
     assert {"closed-form optimum", "validation ELBO", "training bound (mini-batch)"} <= labels
+    # the band (2 s.e. = 1.6) is wider than the curves' range here: its width is in the legend
+    assert any("±1.6;" in label for label in labels)
 
 
 def test_pareto_k_plot_thresholds_and_points_inside(tmp_path):
