@@ -9,6 +9,7 @@ observed rows inside ``pyro.plate("data", len(x))`` (another name: ``plate=``)::
     run.metrics["train_elbo"]                      # nats per datapoint, with its standard error
     run.evaluate(x_test, y_test)                   # held-out log-likelihood, Pareto k
     idata = run.diagnose()                         # an arviz.InferenceData of the guide
+    run.sample(out="runs/mine-samples")            # a model with a decoder: prior samples, interpolations
     run.save("runs/mine"); elbolab.load_run("runs/mine", model, guide)
 
 Every tensor argument whose first dimension is the plate's size is data: elbolab
@@ -229,10 +230,30 @@ class Run:
         from elbolab.inference.diagnostics import to_inference_data
 
         x = self.rows(args, kwargs)
-        rows = None
+        rows, labels = None, None
         if x is None:
-            x, rows = self.data.train, torch.arange(self.data.n_train)
-        return to_inference_data(self.model, x, rows, draws=draws, chains=chains, seed=seed)
+            x, rows, labels = self.data.train, torch.arange(self.data.n_train), self.data.train_labels
+        return to_inference_data(self.model, x, rows, draws=draws, chains=chains, seed=seed,
+                                 labels=None if labels is None else labels.cpu().numpy())
+
+    def sample(self, n: int = 100, out: str | None = None, pair: tuple[int, int] | None = None, steps: int = 10,
+               seed: int = 0, overwrite: bool = False) -> dict:
+        """Generate from a model with a decoder (``models.protocol.Generative``: the VAEs):
+        ``n`` prior samples, reconstructions, an interpolation between the rows ``pair`` and
+        latent traversals, as numpy arrays (``inference.generate.generate``: means of
+        p(x | z), (..., D)); with ``out``, also their figures and ``samples.npz`` there
+        (refused if it holds files, unless ``overwrite``)."""
+        from elbolab.inference.generate import check_generative, generate, write_samples
+
+        check_generative(self.model, self.path or "this run")
+        target = RunDir(out, overwrite=overwrite) if out is not None else None
+        if target is not None:
+            target.check()
+        result = generate(self.model, self.data, n=n, pair=pair, steps=steps, seed=seed)
+        if target is not None:
+            with target:
+                write_samples(result, self.data, out)
+        return result
 
     def save(self, path: str, overwrite: bool = False) -> str:
         """Write the run directory ``path``: config.json, checkpoint.ckpt, metrics.json,

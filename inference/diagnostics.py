@@ -30,21 +30,37 @@ quantiles.
 InferenceData (``to_inference_data``)
 -------------------------------------
 The guide's sample sites are discovered by tracing (no model names): sites inside
-plate("data") are local (one value per row), the others global.
+plate("data") are local (one value per row), the others global. Dimensions are named
+and carry coordinates (ArviZ's convention):
+
+* ``row``: the row's index in the data set it comes from (the training-row indices
+  when they are given, else 0..B-1 of the set x), with the class ``label`` of each row
+  as a second coordinate where the data set has labels;
+* ``latent``: the components of a local latent vector (z of PPCA and the VAEs);
+* ``feature``: the columns of a data row (observed and replicated data), and the
+  dims a model names so (:class:`models.protocol.NamedDims`: the Bayesian Gaussian's
+  loc is (feature,), its precision (feature, feature_bis), as PyMC names a matrix's
+  second axis);
+* any other dim ``{site}_dim_{i}`` (ArviZ's default, the names ``az.from_pyro`` gives).
+
+Groups:
 
 * ``posterior``: C x S draws of every latent site from the guide, dims (chain, draw,
-  ...): a global site's own dims ``{site}_dim_{i}`` (ArviZ's convention, the same names
-  ``az.from_pyro`` gives a NUTS run), a local site's (chain, draw, row, {site}_dim_0).
-  The "chains" are independent sets of draws (VI draws are independent: r_eff = 1).
-  A model with a ``quantities(samples)`` method (the Bayesian Gaussian: loc and
-  precision from its Bartlett sites) has those added.
+  ...): a global site (chain, draw, its own dims), a local one (chain, draw, row,
+  latent). The "chains" are independent sets of draws (VI draws are independent:
+  r_eff = 1; two by default, so that the chain-comparing diagnostics run). A model with
+  a ``quantities(samples)`` method (the Bayesian Gaussian: loc and precision from its
+  Bartlett sites) has those added.
 * ``log_likelihood``: log p(x_i | latents) per draw and row of each observed site,
   (chain, draw, row): pointwise, so ``az.loo`` and ``az.waic`` run.
 * ``posterior_predictive``: replicated data from ``pyro.infer.Predictive`` on the
   model with its observations released (``poutine.uncondition``), at the same draws
-  (chain, draw, row, {obs}_dim_0); and ``{obs}_rep_log_likelihood``, log p(x_rep_i |
-  latents) (chain, draw, row), the replicated side of the log-likelihood check.
-* ``observed_data``: the rows (row, {obs}_dim_0).
+  (chain, draw, row, feature).
+* ``replicated_log_likelihood`` (a group of this project's): log p(x_rep_i | latents)
+  of each replicated row, (chain, draw, row), the replicated side of the
+  log-likelihood check; kept out of ``log_likelihood`` so that ``az.loo`` finds one
+  variable there.
+* ``observed_data``: the rows (row, feature).
 * ``sample_stats``: ``log_joint`` log p(x, latents), ``log_q`` and ``log_weight`` =
   their difference, per draw (global latents: of the whole set, the rows scaled by the
   data plate) or per draw and row (local latents only).
@@ -84,7 +100,7 @@ from pyro import poutine
 from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import MAX_ELEMENTS
 from elbolab.inference.files import TMP_PREFIX
-from elbolab.models.protocol import DerivedQuantities, ExactPosterior
+from elbolab.models.protocol import DerivedQuantities, ExactPosterior, NamedDims
 from elbolab.inference.traces import batch, in_plate, is_latent, is_scored, particles, site_log_prob, vectorizes
 
 K_GOOD = 0.5  # k below: finite variance
@@ -389,10 +405,39 @@ def draw_rows(model, x: torch.Tensor, rows: torch.Tensor | None, n: int, predict
 
 # ----------------------------------------------------------------------------- InferenceData
 
+ROW, LATENT, FEATURE, LABEL = "row", "latent", "feature", "label"
+REPLICATED = "replicated_log_likelihood"  # the group of log p(x_rep_i | latents)
+DEFAULT_CHAINS = 2  # sets of draws: the diagnostics that compare chains (R-hat) need two
 
-def _dims(name: str, value_ndim: int, local: bool) -> list[str]:
-    own = [f"{name}_dim_{i}" for i in range(value_ndim)]
-    return (["row"] + own) if local else own
+
+class _Dims:
+    """The dims of one InferenceData's variables (see the module docstring), their sizes
+    kept consistent: a name another variable already gives another size falls back to
+    ArviZ's default ``{var}_dim_{i}``."""
+
+    def __init__(self, declared: dict | None = None):
+        self.declared = dict(declared or {})
+        self.sizes: dict[str, int] = {}
+
+    def __call__(self, var: str, shape: tuple, kind: str) -> list[str]:
+        """Names for a variable of ``shape`` (without chain and draw): ``kind`` "global"
+        (its own dims), "local" (row, latent, ...) or "data" (row, feature, ...)."""
+        lead = [ROW] if kind in ("local", "data") else []
+        own = tuple(shape[len(lead):])
+        declared = self.declared.get(var)
+        if kind == "global" and declared is not None and len(declared) == len(own):
+            wanted = list(declared)
+        elif kind == "global" or not own:
+            wanted = [f"{var}_dim_{i}" for i in range(len(own))]
+        else:
+            wanted = [LATENT if kind == "local" else FEATURE] + [f"{var}_dim_{i}" for i in range(1, len(own))]
+        names = []
+        for i, (name, size) in enumerate(zip(wanted, own)):
+            if self.sizes.setdefault(name, size) != size:
+                name = f"{var}_dim_{i}"
+                self.sizes.setdefault(name, size)
+            names.append(name)
+        return lead + names
 
 
 def _array(t: torch.Tensor, chains: int, data: bool = False) -> np.ndarray:
@@ -409,31 +454,63 @@ def _compact(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _row_coords(b: int, row_index=None, labels=None) -> tuple[dict, np.ndarray | None]:
+    """The row dimension's coordinate (each row's index in its data set) and its class labels."""
+    index = np.arange(b) if row_index is None else np.asarray(row_index).reshape(-1)
+    if index.size != b:
+        raise UsageError(f"row_index has {index.size} entries for {b} rows")
+    labels = None if labels is None else np.asarray(labels).reshape(-1)
+    if labels is not None and labels.size != b:
+        raise UsageError(f"labels has {labels.size} entries for {b} rows")
+    return {ROW: index}, labels
+
+
+def _label_rows(idata, labels: np.ndarray | None):
+    """Each group with a row dim gets the rows' class labels as the coordinate ``label``."""
+    if labels is None:
+        return idata
+    for group in idata.groups():
+        ds = getattr(idata, group)
+        if ROW in ds.dims:
+            setattr(idata, group, ds.assign_coords({LABEL: (ROW, labels)}))
+    return idata
+
+
+def _declared_dims(model) -> dict:
+    return dict(model.variable_dims) if isinstance(model, NamedDims) else {}
+
+
 def to_inference_data(model, x: torch.Tensor, rows: torch.Tensor | None = None, draws: int = 100,
-                      chains: int = 1, seed: int = 0, predictive: bool = True, row_labels=None,
-                      max_elements: int = MAX_ELEMENTS):
-    """An ``arviz.InferenceData`` of the fitted guide for the rows x (see the module
-    docstring): ``chains`` x ``draws`` independent draws, seeded (the global RNG state
-    is restored). ``row_labels``: coordinates of the row dimension (default 0..B-1)."""
+                      chains: int = DEFAULT_CHAINS, seed: int = 0, predictive: bool = True, row_index=None,
+                      labels=None, max_elements: int = MAX_ELEMENTS):
+    """An ``arviz.InferenceData`` of the fitted guide for the rows x (B, D) (see the module
+    docstring): ``chains`` x ``draws`` independent draws, seeded (the global RNG state is
+    restored). ``rows``: training-row indices of x (a per-datapoint guide needs them),
+    also the row coordinate unless ``row_index`` (B,) gives it; ``labels`` (B,): the
+    rows' class labels, a coordinate ``label`` along ``row``."""
     if draws < 1 or chains < 1:
         raise UsageError(f"InferenceData needs draws >= 1 and chains >= 1, got {draws}, {chains}")
     n = draws * chains
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         d = draw_rows(model, x, rows, n, predictive, max_elements)
-    return draws_to_inference_data(model, d, chains, row_labels)
+    if row_index is None and rows is not None:
+        row_index = rows.cpu().numpy()
+    return draws_to_inference_data(model, d, chains, row_index, labels)
 
 
-def draws_to_inference_data(model, d: Draws, chains: int, row_labels=None):
+def draws_to_inference_data(model, d: Draws, chains: int, row_index=None, labels=None):
+    """:class:`Draws` of ``chains`` x S draws as InferenceData (the module docstring's groups)."""
     import arviz as az
 
     b = int(next(iter(d.observed.values())).shape[0])
-    coords = {"row": np.arange(b) if row_labels is None else np.asarray(row_labels)}
+    coords, labels = _row_coords(b, row_index, labels)
+    dims_of = _Dims(_declared_dims(model))
     dims: dict[str, list[str]] = {}
     posterior = {}
     for name, v in d.latents.items():
         posterior[name] = _array(v, chains)
-        dims[name] = _dims(name, v.dim() - (2 if name in d.local else 1), name in d.local)
+        dims[name] = dims_of(name, tuple(v.shape[1:]), "local" if name in d.local else "global")
     quantities = model.quantities if isinstance(model, DerivedQuantities) else None
     derived = []
     if quantities is not None and d.has_global:
@@ -441,58 +518,63 @@ def draws_to_inference_data(model, d: Draws, chains: int, row_labels=None):
             extra = quantities({k: v for k, v in d.latents.items() if k not in d.local})
         for name, v in extra.items():
             posterior[name] = _array(v, chains)
-            dims[name] = _dims(name, v.dim() - 1, False)
+            dims[name] = dims_of(name, tuple(v.shape[1:]), "global")
             derived.append(name)
-    log_lik, observed, replicated = {}, {}, {}
+    log_lik, observed, replicated, rep_log_lik = {}, {}, {}, {}
     for name, v in d.log_lik.items():
         log_lik[name] = _array(v, chains)
         observed[name] = _compact(d.observed[name].cpu().numpy())
-        dims[name] = ["row"] + [f"{name}_dim_{i}" for i in range(d.observed[name].dim() - 1)]
+        dims[name] = dims_of(name, tuple(d.observed[name].shape), "data")
     for name, v in d.replicated.items():
         replicated[name] = _array(v, chains, data=True)
-        rep = f"{name}_rep_log_likelihood"
-        replicated[rep] = _array(d.replicated_log_lik[name], chains)
-        dims[rep] = ["row"]
-    stat_dims = [] if d.has_global else ["row"]
+        rep_log_lik[name] = _array(d.replicated_log_lik[name], chains)
+    stat_dims = [] if d.has_global else [ROW]
     sample_stats = {"log_joint": _array(d.log_joint, chains), "log_q": _array(d.log_q, chains),
                     "log_weight": _array(d.log_joint - d.log_q, chains)}
     for key in sample_stats:
         dims[key] = stat_dims
-    # the log_likelihood group has the observed site's name but only the row dim
-    ll_dims = {name: ["row"] for name in log_lik}
+    # the log-likelihood groups have the observed site's name but only the row dim
+    row_dims = {name: [ROW] for name in log_lik}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         idata = az.from_dict(posterior=posterior, sample_stats=sample_stats,
                              posterior_predictive=replicated or None, observed_data=observed,
                              coords=coords, dims=dims)
-        idata.add_groups(log_likelihood=az.from_dict(posterior=log_lik, coords=coords, dims=ll_dims).posterior)
+        idata.add_groups(log_likelihood=az.from_dict(posterior=log_lik, coords=coords, dims=row_dims).posterior)
+        if rep_log_lik:
+            idata.add_groups({REPLICATED: az.from_dict(posterior=rep_log_lik, coords=coords,
+                                                       dims=row_dims).posterior})
     idata.attrs["inference"] = "variational (draws from the guide)"
     idata.attrs["local_latents"] = ",".join(sorted(d.local))  # netCDF attributes: strings
     idata.attrs["guide_sites"] = ",".join(d.latents)
     idata.attrs["quantities"] = ",".join(derived)  # the model's quantities(...) of the draws
-    return idata
+    return _label_rows(idata, labels)
 
 
 def samples_to_inference_data(samples: dict[str, torch.Tensor], chains: int, local: set | frozenset = frozenset(),
-                              row_labels=None, inference: str = ""):
+                              row_index=None, labels=None, inference: str = "", declared: dict | None = None):
     """A posterior-only InferenceData from draws site -> (chains * draws, ...) (local
-    sites (chains * draws, B, ...)), with the same dims as :func:`to_inference_data`."""
+    sites (chains * draws, B, ...)), with the same dims as :func:`to_inference_data`
+    (``declared``: a model's ``variable_dims``)."""
     import arviz as az
 
-    posterior, dims, coords = {}, {}, {}
+    dims_of = _Dims(declared)
+    posterior, dims, coords, row_labels = {}, {}, {}, None
     for name, v in samples.items():
         is_local = name in local
         posterior[name] = _array(v, chains)
-        dims[name] = _dims(name, v.dim() - (2 if is_local else 1), is_local)
+        dims[name] = dims_of(name, tuple(v.shape[1:]), "local" if is_local else "global")
         if is_local:
-            coords["row"] = np.arange(v.shape[1]) if row_labels is None else np.asarray(row_labels)
-    idata = az.from_dict(posterior=posterior, coords=coords, dims=dims)
+            coords, row_labels = _row_coords(int(v.shape[1]), row_index, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        idata = az.from_dict(posterior=posterior, coords=coords, dims=dims)
     idata.attrs["inference"] = inference
-    return idata
+    return _label_rows(idata, row_labels)
 
 
-def exact_inference_data(model, x: torch.Tensor, draws: int, chains: int = 1, seed: int = 0,
-                         local: set | frozenset = frozenset(), row_labels=None):
+def exact_inference_data(model, x: torch.Tensor, draws: int, chains: int = DEFAULT_CHAINS, seed: int = 0,
+                         local: set | frozenset = frozenset(), row_index=None, labels=None):
     """Draws from the model's exact posterior (a model with ``exact_posterior_samples(x, n)``)
     as InferenceData, or None for a model without one."""
     if not isinstance(model, ExactPosterior):
@@ -501,16 +583,19 @@ def exact_inference_data(model, x: torch.Tensor, draws: int, chains: int = 1, se
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         samples = sampler(x, draws * chains)
-    return samples_to_inference_data(samples, chains, local, row_labels, "exact posterior (closed form)")
+    return samples_to_inference_data(samples, chains, local, row_index, labels, "exact posterior (closed form)",
+                                      _declared_dims(model))
 
 
 def mcmc_inference_data(model, result, x: torch.Tensor, rows: torch.Tensor | None = None,
                         predictive: bool = True):
-    """``az.from_pyro`` of a NUTS run of the model on the rows x (``inference.mcmc.run_nuts``
-    results, one MCMC object each: their chains joined), with the model's ``quantities``
-    added, and the pointwise log-likelihood and replicated data computed here as for the
-    guide (``az.from_pyro``'s own log_likelihood goes through ``Predictive``, which pads
-    a global site's event dims as plate dims and fails on these models)."""
+    """InferenceData of a NUTS run of the model on the rows x (``inference.mcmc.run_nuts``
+    results, one MCMC object each: their chains joined): the draws with the model's
+    ``quantities``, pointwise log-likelihoods and replicated data computed as for the guide
+    (the same groups and dims), and ``az.from_pyro``'s sample statistics (divergences,
+    tree depth, ...) beside the log joint. (``az.from_pyro``'s own log_likelihood goes
+    through ``Predictive``, which pads a global site's event dims as plate dims and fails
+    on these models.)"""
     import arviz as az
 
     results = result if isinstance(result, (list, tuple)) else [result]
@@ -518,30 +603,18 @@ def mcmc_inference_data(model, result, x: torch.Tensor, rows: torch.Tensor | Non
     for r in results:
         if getattr(r, "mcmc", None) is None:
             raise UsageError("the NUTS result holds no MCMC object (run it with inference.mcmc.run_nuts)")
-        parts.append(az.from_pyro(r.mcmc, log_likelihood=False))
-    idata = parts[0] if len(parts) == 1 else az.concat(*parts, dim="chain", reset_dim=True)
-    post = idata.posterior
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parts.append(az.from_pyro(r.mcmc, log_likelihood=False))
+    pyro_data = parts[0] if len(parts) == 1 else az.concat(*parts, dim="chain", reset_dim=True)
+    post = pyro_data.posterior
     chains, draws = post.sizes["chain"], post.sizes["draw"]
     flat = {k: torch.as_tensor(post[k].values, dtype=x.dtype).reshape((chains * draws,) + post[k].shape[2:])
             for k in post.data_vars}
     d = model_draws(model, x, rows, flat, frozenset(), predictive)
-    vi = draws_to_inference_data(model, d, chains)
-    # the model's quantities, as for the guide (they replace a site of the same name, e.g.
-    # the Normal-Gamma's precision (1,) by the precision matrix (1, 1))
-    derived = [v for v in vi.attrs["quantities"].split(",") if v]
-    posterior = post.drop_vars([v for v in derived if v in post])
-    posterior = posterior.drop_dims([dim for dim in posterior.dims if dim not in ("chain", "draw")
-                                     and not any(dim in posterior[v].dims for v in posterior.data_vars)])
-    for name in vi.posterior.data_vars:
-        if name not in posterior:
-            posterior[name] = vi.posterior[name].assign_coords(draw=post.draw, chain=post.chain)
-    idata.posterior = posterior.assign_coords({k: v for k, v in vi.posterior.coords.items()
-                                               if k not in ("chain", "draw")})
-    idata.attrs["quantities"] = vi.attrs["quantities"]
-    for group in ("log_likelihood", "posterior_predictive"):
-        if group in vi.groups():
-            ds = getattr(vi, group).assign_coords(draw=post.draw, chain=post.chain)
-            idata.add_groups({group: ds}) if group not in idata.groups() else setattr(idata, group, ds)
+    idata = draws_to_inference_data(model, d, chains, None if rows is None else rows.cpu().numpy())
+    stats = pyro_data.sample_stats.assign_coords(chain=idata.posterior.chain, draw=idata.posterior.draw)
+    idata.sample_stats = stats.assign(log_joint=idata.sample_stats["log_joint"])  # (log_q: no guide here)
     idata.attrs["inference"] = "NUTS (pyro MCMC)"
     return idata
 
@@ -638,18 +711,17 @@ def posterior_predictive_checks(idata, name: str | None = None) -> dict:
                                   "replicated_mean": float(t_rep[key].mean()),
                                   "replicated_sd": float(t_rep[key].std()), "p_value": _ppp(t_rep[key], t_obs[key]),
                                   "replicated": t_rep[key].ravel()}
-    rep_ll = f"{name}_rep_log_likelihood"
-    if rep_ll in idata.posterior_predictive and "log_likelihood" in idata.groups():
-        ll_obs = np.asarray(idata.log_likelihood[name].values).mean(-1)  # (chain, draw)
-        ll_rep = np.asarray(idata.posterior_predictive[rep_ll].values).mean(-1)
+    if REPLICATED in idata.groups() and "log_likelihood" in idata.groups() and name in getattr(idata, REPLICATED):
+        ll_obs = np.asarray(idata.log_likelihood[name].values)  # (chain, draw, row)
+        ll_rep = np.asarray(getattr(idata, REPLICATED)[name].values)
+        t_obs, t_rep = ll_obs.mean(-1), ll_rep.mean(-1)  # (chain, draw)
         out["statistics"]["log_likelihood"] = {
             "description": "mean over rows of log p(x_i | latents), at each draw (a discrepancy)",
-            "observed": float(ll_obs.mean()), "replicated_mean": float(ll_rep.mean()),
-            "replicated_sd": float(ll_rep.std()), "p_value": _ppp(ll_rep, ll_obs),
-            "replicated": (ll_rep - ll_obs).ravel(),
+            "observed": float(t_obs.mean()), "replicated_mean": float(t_rep.mean()),
+            "replicated_sd": float(t_rep.std()), "p_value": _ppp(t_rep, t_obs),
+            "replicated": (t_rep - t_obs).ravel(),
             # log p(x_i | latents) of every (draw, row), observed and replicated, pooled alike
-            "observed_per_row": np.asarray(idata.log_likelihood[name].values).ravel(),
-            "replicated_per_row": np.asarray(idata.posterior_predictive[rep_ll].values).ravel()}
+            "observed_per_row": ll_obs.ravel(), "replicated_per_row": ll_rep.ravel()}
     out["column_means"] = {"observed": obs2.mean(0), "replicated": rep2.mean(2).reshape(-1, obs2.shape[1])}
     return out
 
@@ -657,12 +729,31 @@ def posterior_predictive_checks(idata, name: str | None = None) -> dict:
 # ----------------------------------------------------------------------------- summaries
 
 
+@contextlib.contextmanager
+def _quiet_arviz(on: bool = True):
+    """ArviZ's own logger (an instance it keeps as ``arviz._log``, outside logging's registry)
+    held to errors for the duration (``on``)."""
+    import logging
+
+    import arviz as az
+
+    logger = getattr(az, "_log", None) or logging.getLogger("arviz")
+    level = logger.level
+    if on:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def summary_table(posteriors: dict, var_names=None, coords=None):
     """``az.summary`` of several posteriors of the same variables, stacked, with a
     ``posterior`` column naming each: mean, sd and the 94% HDI for all; ESS and R-hat
     (and their Monte Carlo errors) for MCMC (an InferenceData whose ``inference``
     attribute starts with "NUTS"), where they mean something (VI and exact draws are
-    independent: ESS = draws, R-hat = 1 by construction)."""
+    independent: ESS = draws, R-hat = 1 by construction). R-hat compares chains: a
+    one-chain MCMC run gets ESS without it."""
     import arviz as az
     import pandas as pd
 
@@ -675,10 +766,13 @@ def summary_table(posteriors: dict, var_names=None, coords=None):
         sel = None
         if coords:
             sel = {k: v for k, v in coords.items() if k in idata.posterior.dims}
-        with warnings.catch_warnings():
+        one_chain = idata.posterior.sizes["chain"] < 2
+        with warnings.catch_warnings(), _quiet_arviz(mcmc and one_chain):  # (its R-hat shape warning)
             warnings.simplefilter("ignore")
             df = az.summary(idata, var_names=names, kind="all" if mcmc else "stats", round_to="none",
                             coords=sel or None)
+        if mcmc and one_chain:
+            df = df.drop(columns=[c for c in df.columns if c.startswith("r_hat")])
         df.insert(0, "posterior", label)
         frames.append(df)
     table = pd.concat(frames)

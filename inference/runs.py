@@ -129,16 +129,24 @@ class DataSpec:
     data_dir: str | None = None
     binarize: str = "none"
     val_fraction: float = 0.1
+    test_fraction: float = 0.1  # of a user's matrix without test_path
+    test_path: str | None = None  # a user's own test rows
+    labels_path: str | None = None  # class labels of data_path's rows
+    test_labels_path: str | None = None  # ... and of test_path's
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "data") -> "DataSpec":
         _only(where, d, [f.name for f in dataclasses.fields(cls)])
+        path = {k: check_value(where, k, d.get(k), str, none=True)
+                for k in ("test_path", "labels_path", "test_labels_path")}
         return cls(
             dataset=check_value(where, "dataset", d.get("dataset", "digits"), str, choices=DATASETS + (FROM_PYTHON,)),
             data_path=check_value(where, "data_path", d.get("data_path"), str, none=True),
             data_dir=check_value(where, "data_dir", d.get("data_dir"), str, none=True),
             binarize=check_value(where, "binarize", d.get("binarize", "none"), str, choices=BINARIZE),
             val_fraction=check_value(where, "val_fraction", d.get("val_fraction", 0.1), float, low=0.0, high=0.99),
+            test_fraction=check_value(where, "test_fraction", d.get("test_fraction", 0.1), float, low=0.0, high=0.99),
+            **path,
         )
 
     def load(self, likelihood: str | None = None) -> DataSplits:
@@ -147,7 +155,9 @@ class DataSpec:
         if self.dataset == FROM_PYTHON:
             raise UsageError("the data of a run fit from Python are its arguments, saved in its directory")
         data = load_dataset(self.dataset, data_dir=self.data_dir, data_path=self.data_path, binarize=self.binarize,
-                            val_fraction=self.val_fraction)
+                            val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+                            test_path=self.test_path, labels_path=self.labels_path,
+                            test_labels_path=self.test_labels_path)
         if likelihood == "bernoulli":
             (check_unit_interval if data.binarize == "dynamic" else check_binary)(data.train, data.source)
         elif likelihood == "continuous-bernoulli":
@@ -614,7 +624,7 @@ def write_figures(model, data: DataSplits, spec: RunSpec, result, metrics: dict,
     from elbolab.inference.plots import loss_curve, model_pictures
 
     label = f"{spec.model} / {spec.train.objective}"
-    ref = metrics.get("mle_log_likelihood")
+    ref = metrics.get("quantities", {}).get("mle_log_likelihood", {}).get("value")
     loss_curve(result.history, result.validations, os.path.join(out, "loss_curve.png"),
                title=f"{label} on {data.name}", reference=ref,
                reference_label="closed-form max log-likelihood" if ref is not None else "")

@@ -29,6 +29,7 @@ import torch
 from elbolab.inference import distributed
 from elbolab.inference.checkpoints import CHECKPOINT, HISTORY, check_checkpoint, checkpoint_io, write_history
 from elbolab.inference.errors import UsageError
+from elbolab.inference.loggers import LogMetrics, make_logger
 from elbolab.models.datasources import DataSplits
 from elbolab.inference.objectives import build_objective
 from elbolab.inference.traces import infers_new_rows
@@ -114,6 +115,10 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
         cbs.append(ModelCheckpoint(dirpath=out_dir, filename=CHECKPOINT[: -len(".ckpt")], save_top_k=1,
                                    every_n_epochs=every, save_on_train_epoch_end=True,
                                    enable_version_counter=False))
+    logger = make_logger(config.logger, out_dir)  # Lightning's, beside history.csv (inference.loggers)
+    if logger is not None:
+        cbs.append(LogMetrics(every=max(1, min(50, total // 100))))
+        logger.log_hyperparams(config.to_dict())
     if validate and config.patience is not None:
         cbs.append(EarlyStopping(monitor="val_elbo", mode="max", patience=config.patience,
                                  check_on_train_epoch_end=False))
@@ -128,13 +133,14 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
         warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")
         warnings.filterwarnings("ignore", ".*exists and is not empty.*")
         warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")  # LogMetrics has its own
         warnings.filterwarnings("ignore", ".*LightningModule.*has parameters that were not used.*")
         warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")  # val_elbo is global
         trainer = pl.Trainer(
             max_epochs=max_epochs,
             max_steps=config.steps if config.steps is not None else -1,
             accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
-            strategy=config.strategy, callbacks=cbs, logger=False, enable_progress_bar=False,
+            strategy=config.strategy, callbacks=cbs, logger=logger or False, enable_progress_bar=False,
             enable_model_summary=False, enable_checkpointing=bool(ckpt_path), num_sanity_val_steps=0,
             use_distributed_sampler=False, plugins=[checkpoint_io()], default_root_dir=out_dir or os.getcwd(),
             deterministic=False, **val_kwargs,

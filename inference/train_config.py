@@ -14,6 +14,7 @@ import torch
 
 from elbolab.inference.errors import ConfigError, UsageError
 from elbolab.models.datasources import DataSplits
+from elbolab.inference.loggers import LOGGERS, check_logger
 from elbolab.inference.objectives import OBJECTIVES, build_objective
 from elbolab.models.common import config_from_dict, param
 
@@ -50,6 +51,9 @@ class TrainConfig:
     num_nodes: int = param(1, "machines")
     strategy: str = param("auto", "Lightning strategy, e.g. ddp")
     accelerator: str = param("cpu", "cpu, gpu, auto")
+    logger: str = param("none", "Lightning logger writing into the run directory's lightning_logs/version_N: csv "
+                                "(metrics.csv) or tensorboard (event files; needs pip install 'elbolab[tensorboard]'); "
+                                "history.csv is written either way", choices=LOGGERS)
     sparse_rows: bool = param(False, "update per-datapoint tables by SparseAdam: a step moves only its batch's rows "
                                      "(and their Adam moments), O(batch) instead of O(N) work")
 
@@ -84,6 +88,7 @@ class TrainConfig:
             raise UsageError(f"strategy {self.strategy}: the fit would live in spawned processes and its result "
                              "not come back; use strategy ddp (the launcher runs the whole program per process)")
         build_objective(self.objective, self.n_particles, self.alpha)  # validates the three
+        check_logger(self.logger)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

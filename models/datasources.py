@@ -412,6 +412,20 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     return d.data.astype(np.float64) / 16.0, d.target.astype(np.int64)
 
 
+def load_labels(path: str, n_rows: int, source: str) -> np.ndarray:
+    """Class labels (N,) int64 from a .npy/.npz/.csv vector of ``n_rows`` integers (one per
+    row of ``source``)."""
+    y = load_matrix(path)
+    if y.shape[1] != 1:
+        raise DataError(f"{path}: labels must be a vector (one per row), got shape {tuple(y.shape)}")
+    y = y[:, 0]
+    if y.shape[0] != n_rows:
+        raise DataError(f"{path}: {y.shape[0]} labels for the {n_rows} rows of {source}")
+    if not np.all(y == np.round(y)):
+        raise DataError(f"{path}: labels must be integers (class labels)")
+    return y.astype(np.int64)
+
+
 def load_dataset(
     name: str = "digits",
     *,
@@ -421,29 +435,52 @@ def load_dataset(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     split_seed: int = 0,
+    test_path: str | None = None,
+    labels_path: str | None = None,
+    test_labels_path: str | None = None,
 ) -> DataSplits:
     """Load a data set by name (``digits``, ``mnist``, ``fashion-mnist``) or a user's file.
 
     ``data_path`` (a .npy/.npz/.csv matrix) wins over ``name``; its rows are split
-    into train/val/test with ``split_seed``. MNIST-style sets keep their own test
-    set and carve the validation rows out of the training set with ``split_seed``.
+    into train/val/test (``val_fraction``, ``test_fraction`` of them) with ``split_seed``;
+    ``test_path``: a matrix of test rows of its own (the user's split: ``data_path``'s
+    rows are then train and val only). ``labels_path`` / ``test_labels_path``: class
+    labels, one integer per row of ``data_path`` / ``test_path`` (they colour the latent
+    plots). MNIST-style sets keep their own test set and carve the validation rows out
+    of the training set with ``split_seed``; the digits' split is fixed.
     """
     if binarize not in BINARIZE:
         raise DataError(f"binarize must be one of {', '.join(BINARIZE)}, got {binarize!r}")
     for label, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= frac < 1.0:
             raise DataError(f"{label} must be in [0, 1), got {frac:g}")
+    if data_path is None and (test_path or labels_path or test_labels_path):
+        raise DataError("test_path, labels_path and test_labels_path go with a data_path of the user's own")
+    if test_labels_path is not None and test_path is None:
+        raise DataError("test_labels_path labels the rows of a test_path")
     to_t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
     if data_path is not None:
         x = load_matrix(data_path)
+        y = None if labels_path is None else load_labels(labels_path, x.shape[0], data_path)
         n = x.shape[0]
-        n_val, n_test = int(round(val_fraction * n)), int(round(test_fraction * n))
+        n_val = int(round(val_fraction * n))
+        n_test = 0 if test_path is not None else int(round(test_fraction * n))
         if n - n_val - n_test < 1:
             raise DataError(f"{data_path}: {n} row(s) leave none for training")
         tr, va, te = _split_rows(n, n_val, n_test, split_seed)
+        x_test, y_test = x[te], None if y is None else y[te]
+        if test_path is not None:
+            x_test = load_matrix(test_path)
+            if x_test.shape[1] != x.shape[1]:
+                raise DataError(f"{test_path}: {x_test.shape[1]} columns, the training rows ({data_path}) have "
+                                f"{x.shape[1]}")
+            y_test = None if test_labels_path is None else load_labels(test_labels_path, x_test.shape[0], test_path)
+        label = (lambda v: None if v is None else torch.as_tensor(v))  # noqa: E731
         splits = DataSplits(
             name=os.path.splitext(os.path.basename(data_path))[0],
-            train=to_t(x[tr]), val=to_t(x[va]), test=to_t(x[te]), source=data_path,
+            train=to_t(x[tr]), val=to_t(x[va]), test=to_t(x_test), source=data_path,
+            train_labels=label(None if y is None else y[tr]), val_labels=label(None if y is None else y[va]),
+            test_labels=label(y_test),
         )
     elif name == "digits":
         x, y = load_digits()

@@ -11,7 +11,8 @@ Everything else is optional and declared by a protocol of its own, checked with
 ``isinstance``: a closed-form log-likelihood (:class:`ExactLikelihood`), closed-form
 ELBOs (:class:`ExactELBO`), exact posterior draws (:class:`ExactPosterior`), the exact
 numbers a fit reports (:class:`ClosedForms`), derived posterior quantities
-(:class:`DerivedQuantities`), a decoder for pictures (:class:`Generative`), and
+(:class:`DerivedQuantities`) and the names of their dimensions
+(:class:`NamedDims`), a decoder for pictures (:class:`Generative`), and
 starting values taken from the training rows (:class:`InitializesFromData`). What
 is not declared is not used; nothing is guessed.
 
@@ -81,6 +82,16 @@ class ClosedForms(Protocol):
 class DerivedQuantities(Protocol):
     def quantities(self, samples: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Quantities of interest (e.g. a precision matrix) from draws of the latent sites."""
+
+
+@runtime_checkable
+class NamedDims(Protocol):
+    """Names of the event dimensions of the global latent sites and derived quantities,
+    for ArviZ: variable -> one name per dim, e.g. {"loc": ("feature",), "precision":
+    ("feature", "feature_bis")}. A name given for a variable whose draws have another
+    number of dims is not used."""
+
+    variable_dims: dict[str, tuple[str, ...]]
 
 
 @runtime_checkable

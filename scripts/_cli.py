@@ -1,7 +1,16 @@
 """What every program shares: one-line errors with exit status 2, flags generated from
-the Configs' fields (a default is declared once, in its Config), the data flags and the
-output flags. The run directory itself (refuse to clobber, lock against a second
-writer) is ``inference.runs.RunDir``."""
+the Configs' fields (a default is declared once, in its Config), the data flags, the
+output flags (and what each program writes into its --out), and the thread policy.
+The run directory itself (refuse to clobber, lock against a second writer) is
+``inference.runs.RunDir``.
+
+Threads: every command runs torch on ``DEFAULT_THREADS`` = 1 CPU thread unless
+``--threads N`` is given. The parser applies it (:class:`ArgumentParser`: a program's
+``--threads`` left out is 1, whatever default the flag was declared with, and its help
+says so), so that no program keeps torch's default of one thread per core: the models
+here are small, and on a shared 2-core machine torch's default made ``diagnose`` with
+NUTS 335 s against 21 s with one thread.
+"""
 
 from __future__ import annotations
 
@@ -27,11 +36,43 @@ REFUSAL = "pass --overwrite to replace what it holds"
 REFUSAL_RUN = "pass --overwrite to replace its run or --resume to continue it"
 
 
+DEFAULT_THREADS = 1
+THREADS_HELP = ("torch CPU threads (default: 1, every command's: the models here are small, and more threads "
+                "than one per running program slowed fit, diagnose and compare-guides down on a shared 2-core "
+                "machine; give more for a large model on cores of its own)")
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (and exit status 2)."""
+    """argparse with a one-line error (and exit status 2), and the thread policy: a
+    ``--threads`` flag (``dest`` "threads") left out is ``DEFAULT_THREADS``, and its help
+    says so (see the module docstring)."""
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        if getattr(ns, "threads", DEFAULT_THREADS) is None:
+            ns.threads = DEFAULT_THREADS
+        return ns, rest
+
+    def format_help(self) -> str:
+        for action in self._actions:
+            if action.dest == "threads" and action.help is not argparse.SUPPRESS:
+                action.help = THREADS_HELP
+        return super().format_help()
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads for this program: ``threads``, or DEFAULT_THREADS if None."""
+    import torch
+
+    torch.set_num_threads(DEFAULT_THREADS if threads is None else threads)
+
+
+def add_threads_arg(p) -> None:
+    """``--threads N`` (a parser or an argument group); left out, DEFAULT_THREADS."""
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N", help=THREADS_HELP)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -103,6 +144,27 @@ def positive_int(text: str) -> int:
     v = integer(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        v = integer(text)
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a share in [0, 1)."""
+    v = finite_float(text)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return v
 
 
@@ -247,22 +309,43 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "(default: digits)")
     g.add_argument("--data", metavar="PATH", default=None,
                    help="your own matrix (.npy, .npz or .csv, one row per datapoint); wins over --dataset")
+    g.add_argument("--test-data", metavar="PATH", default=None,
+                   help="your own test rows (with --data, whose rows are then split into training and validation "
+                        "rows only)")
+    g.add_argument("--labels", metavar="PATH", default=None,
+                   help="class labels of --data's rows (a vector of integers): they colour the latent plots")
+    g.add_argument("--test-labels", metavar="PATH", default=None, help="class labels of --test-data's rows")
     g.add_argument("--data-dir", metavar="DIR", default=None,
                    help="directory holding train-images-idx3-ubyte[.gz] and the other IDX files")
     g.add_argument("--binarize", default="auto", choices=("auto",) + BINARIZE,
                    help="auto: threshold 0.5 for the digits, dynamic for MNIST-style sets under a "
-                        "Bernoulli decoder; none otherwise")
-    g.add_argument("--val-fraction", type=float, default=0.1,
+                        "Bernoulli decoder; none otherwise (default: auto)")
+    g.add_argument("--val-fraction", type=fraction, default=0.1,
                    help="share of the training rows (MNIST-style sets, --data) held out for validation; "
                         "the digits split is fixed (1257/270/270) (default: 0.1)")
+    g.add_argument("--test-fraction", type=fraction, default=0.1,
+                   help="share of --data's rows held out for testing (without --test-data; MNIST-style sets "
+                        "have their own test set) (default: 0.1)")
+
+
+def check_data_args(args: argparse.Namespace) -> None:
+    """The data flags that only go together."""
+    own = {"--test-data": args.test_data, "--labels": args.labels, "--test-labels": args.test_labels}
+    if args.data is None and any(v is not None for v in own.values()):
+        given = [k for k, v in own.items() if v is not None]
+        raise UsageError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --data (your own matrix)")
+    if args.test_labels is not None and args.test_data is None:
+        raise UsageError("--test-labels labels the rows of --test-data")
 
 
 def data_spec(args: argparse.Namespace, likelihood: str | None) -> DataSpec:
     """The data flags as a ``DataSpec`` (``--binarize auto`` resolved for the likelihood)."""
+    check_data_args(args)
     return DataSpec.from_dict({
         "dataset": args.dataset, "data_path": args.data, "data_dir": args.data_dir,
         "binarize": resolve_binarize(args.binarize, args.dataset, args.data, likelihood),
-        "val_fraction": args.val_fraction}, "the data flags")
+        "val_fraction": args.val_fraction, "test_fraction": args.test_fraction, "test_path": args.test_data,
+        "labels_path": args.labels, "test_labels_path": args.test_labels}, "the data flags")
 
 
 # ----------------------------------------------------------------------------- training and output
@@ -293,14 +376,36 @@ def train_values(args: argparse.Namespace, names, defaults: dict | None = None) 
     return values
 
 
-def add_out_args(p: argparse.ArgumentParser, default: str | None = None, resume: bool = False,
-                 what: str = "the run directory: config.json, metrics.json, history.csv, the checkpoint and figures"
-                 ) -> None:
+# what each program writes into its --out (the flag's help; a program without an entry
+# passes ``what`` itself)
+OUT_WRITES = {
+    "elbolab fit": "the run directory: config.json, metrics.json, history.csv, checkpoint.ckpt and the figures "
+                   "(loss_curve.png; for image models prior samples, reconstructions, latent means)",
+    "elbolab compare-guides": "compare.md (the inference-gap tables), metrics.json and gaps.png",
+    "elbolab demos": "demos.md (the identities' table), metrics.json and the figures iwae_vs_k.png, "
+                     "bimodal_fit.png, samples_for_accuracy.png",
+    "elbolab report": "report.md, a self-contained report.html, summary.json, and one directory per stage holding "
+                      "its runs",
+    "elbolab benchmark": "results.json (every timing) and table.md (the ratios)",
+    "elbolab bench-distributed": "results.json and table.md (1 against 2 processes, the all-reduce model)",
+}
+
+
+def add_out_args(p: argparse.ArgumentParser, default: str | None = None, resume: bool = False, what: str | None = None,
+                 required: bool | None = None, overwrite: bool = True) -> None:
+    """The output flags: ``--out DIR`` (its help: ``what`` the program writes there, by
+    default its entry in ``OUT_WRITES``), ``--overwrite`` (unless ``overwrite`` is False:
+    a program that only adds files beside a run's), ``--seed`` and, for fit, ``--resume``."""
+    what = what or OUT_WRITES[p.prog]
     g = p.add_argument_group("output")
-    g.add_argument("--out", metavar="DIR", default=default, required=default is None and not resume,
-                   help=f"{what}; refused if it holds files, unless --overwrite"
+    if required is None:
+        required = default is None and not resume
+    g.add_argument("--out", metavar="DIR", default=default, required=required,
+                   help=f"where to write: {what}"
+                        + ("; refused if it holds files, unless --overwrite" if overwrite else "")
                         + (f" (default: {default})" if default else ""))
-    g.add_argument("--overwrite", action="store_true", help="replace what a non-empty --out holds")
+    if overwrite:
+        g.add_argument("--overwrite", action="store_true", help="replace what a non-empty --out holds")
     g.add_argument("--seed", type=integer, default=0, help="random seed (default: 0)")
     if resume:
         g.add_argument("--resume", metavar="DIR", default=None,
@@ -317,8 +422,7 @@ def open_run(run_dir: str, out: str | None, threads: int | None) -> tuple[Loaded
 
     from elbolab.inference.evaluate import tune_malloc
 
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     out = out or run_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out}: exists and is not a directory")

@@ -105,8 +105,9 @@ class Document:
                 lines.append("|" + "|".join("---:" if rows and all(_numeric(r[i]) for r in rows) else "---"
                                             for i in range(len(headers))) + "|")
                 lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows] + [""]
-            elif kind == "figure":
-                lines += [f"![{b[2]}]({b[1]})", "", f"*{b[2]}*", ""]
+            elif kind == "figure":  # brackets in the alternative text escaped (a caption may say loc[0])
+                alt = b[2].replace("[", "\\[").replace("]", "\\]")
+                lines += [f"![{alt}]({b[1]})", "", f"*{b[2]}*", ""]
             elif kind == "code":
                 lines += ["```", b[1].rstrip("\n"), "```", ""]
         return "\n".join(lines)

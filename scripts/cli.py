@@ -14,6 +14,8 @@ COMMANDS = {
     "fit": ("fit", "fit a model (built-in, or yours: --model FILE.py:NAME) by SVI; write a run directory"),
     "evaluate": ("evaluate", "re-evaluate a run: importance-sampled log-likelihood with Pareto k, ELBO"),
     "diagnose": ("diagnose", "ArviZ InferenceData, Pareto k, PSIS-LOO, WAIC, predictive checks of a run"),
+    "sample": ("sample", "generate from a run with a decoder: prior samples, reconstructions, interpolations, "
+                         "latent traversals"),
     "compare-guides": ("compare_guides", "amortized, semi-amortized and per-datapoint guides: the inference gap"),
     "demos": ("demos", "the course notes' identities, both sides measured"),
     "report": ("report", "the whole study on one data set: report.md and a self-contained report.html"),

@@ -14,7 +14,9 @@ ELBO in nats per datapoint with standard errors, steps, seconds, the config, and
 model's exact numbers where it has them) and loss_curve.png. With a guide that infers
 new rows also the importance-sampled test log-likelihood (K = --n-samples draws per
 row, with the Pareto k of each row's weights) and the active units; for image models
-prior_samples.png, reconstructions.png and latent_means.png.
+prior_samples.png, reconstructions.png and latent_means.png. With --logger csv or
+tensorboard also Lightning's logs, in lightning_logs/version_N (the training bound and
+the validation ELBO; history.csv is written either way).
 
 Several processes (--devices N [--num-nodes M] --strategy ddp): each trains on
 its shard of every global mini-batch of N*M*batch-size rows; the evaluation is
@@ -31,6 +33,7 @@ from elbolab.inference import distributed
 from elbolab.inference.diagnostics import reliability_note
 from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import tune_malloc
+from elbolab.inference.loggers import INSTALL, LOGGERS, available
 from elbolab.inference.runs import (EVAL_PARTICLES, N_SAMPLES, EvalSpec, RunSpec, distance_to_closed_form, fit_run,
                                     is_reference)
 from elbolab.inference.traces import DATA_PLATE
@@ -97,6 +100,9 @@ def spec_from_args(args):
     (``models.train_defaults``); and the data, loaded."""
     evals = EvalSpec(args.eval_particles or EVAL_PARTICLES, args.n_samples or N_SAMPLES)
     given = _cli.config_args(args, TrainConfig, args.train_fields)
+    if given.get("logger") is not None and given["logger"] in LOGGERS and not available(given["logger"]):
+        raise UsageError(f"--logger {given['logger']} needs the tensorboard package, which is not installed: "
+                         f"{INSTALL}")
     if is_reference(args.model):
         stray = [n for n in args.model_fields if getattr(args, n) is not None]
         if stray:

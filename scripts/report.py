@@ -1,18 +1,24 @@
 """The main job: the whole workbench at work on one data set, and one report.
 
-Stages, each a set of ordinary runs (the same programs a user runs) in a directory
-of its own under --out, summarized in one line on the terminal:
+Stages, each a set of ordinary runs (the same library calls a user makes) in a
+directory of its own under --out, summarized in one line on the terminal:
 
   ppca        probabilistic PCA by SVI against its closed-form optimum and EM
   gaussian    the Bayesian Gaussian: three variational guides, the exact conjugate
-              posterior and NUTS, on two strongly correlated pixels
+              posterior and NUTS, on the two most strongly correlated columns
   vae         the VAE and the mixture-prior VAE under the ELBO and IWAE objectives,
               with amortized and per-datapoint guides; importance-sampled test
               log-likelihoods
   gaps        amortized, semi-amortized and per-datapoint guides for PPCA, the VAE and
               the mixture-prior VAE: the inference gap split into its approximation
-              and amortization parts (scripts/compare_guides.py)
+              and amortization parts (elbolab compare-guides)
   identities  the course notes' identities, each measured
+
+The data: a built-in set (--dataset), or your own matrix (--data X.npy, real-valued or
+binary; --test-data for your own test rows, --labels to colour the latent plots). On
+your own data the VAEs get the likelihood the values call for (--likelihood auto:
+bernoulli for 0/1 values, continuous-bernoulli for values in [0, 1], gaussian
+otherwise), and a stage that does not apply is skipped, the report saying why.
 
 Writes --out/report.md and --out/report.html (self-contained: figures embedded) and
 prints the report's path. Every number is in nats per datapoint unless it says
@@ -33,11 +39,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from elbolab.inference import diagnosis
 from elbolab.inference.errors import UsageError
 from elbolab.inference.files import atomic_write, save_json
-from elbolab.models.datasources import load_dataset
-from elbolab.inference.runs import RunDir, RunSpec, fit_run
+from elbolab.models.datasources import DataSplits
+from elbolab.inference.runs import DataSpec, RunDir, RunSpec, fit_run, read_run, resolve_binarize
 from elbolab.inference.train_config import TrainConfig
+from elbolab.models.vae import LIKELIHOODS
 from elbolab.scripts import _cli
 from elbolab.scripts._document import Document
 
@@ -45,7 +53,7 @@ PROG = "elbolab report"
 STAGES = ("ppca", "gaussian", "vae", "gaps", "identities")
 
 # Training budgets per data set: the digits run is the main job (minutes on 2 cores);
-# MNIST is the same study at full size.
+# MNIST is the same study at full size; a matrix of your own gets the digits' budget.
 BUDGETS = {
     "digits": {"ppca_steps": 600, "ppca_batch": None, "ppca_lr": 0.03, "gaussian_steps": 1500,
                "vae_epochs": 100, "vae_batch": 100, "n_samples": 1000,
@@ -64,19 +72,24 @@ GAUSSIAN_ROWS = 1257  # the Bayesian Gaussian's rows at most (the digits' traini
 # --quick: the same report from tiny budgets (a smoke test of the whole pipeline; numbers not meaningful)
 QUICK = {"ppca_steps": 60, "gaussian_steps": 60, "vae_epochs": 2, "n_samples": 50, "nuts_samples": 40,
          "gaps": ["--epochs", "2", "--n-rows", "20", "--local-max-steps", "100"]}
+VAE_RUNS = [(model, guide, objective) for model in ("vae", "gmvae") for guide in ("amortized", "per-datapoint")
+            for objective in ("elbo", "iwae")]
+PICTURE_RUNS = ("vae-amortized-elbo", "gmvae-amortized-iwae")  # the VAE runs whose pictures the report shows
+INTERVAL_TEXT = "94% central intervals"
 
 
 def build_parser():
     p = _cli.parser(PROG, __doc__, "examples:\n  elbolab report --out runs/report\n"
+                    "  elbolab report --data X.npy --labels y.npy --out runs/report-mine\n"
+                    "  elbolab report --data train.npy --test-data test.npy --likelihood gaussian --out runs/r2\n"
                     "  elbolab report --dataset mnist --data-dir ../shared/data/mnist --out runs/report-mnist\n")
-    p.add_argument("--dataset", default="digits", choices=("digits", "mnist", "fashion-mnist"),
-                   help="data set for the whole study")
-    p.add_argument("--data-dir", metavar="DIR", default=None, help="IDX files for mnist / fashion-mnist")
     p.add_argument("--stages", default=",".join(STAGES),
-                   help=f"comma-separated subset of the stages {','.join(STAGES)}")
-    p.add_argument("--threads", type=_cli.positive_int, default=None,
-                   help="torch CPU threads (default: 1 for the digits, whose small tensors gain nothing from "
-                        "more on a shared machine; torch's default otherwise)")
+                   help=f"comma-separated subset of the stages {','.join(STAGES)} (default: all)")
+    _cli.add_data_args(p)
+    p.add_argument("--likelihood", default="auto", choices=("auto",) + LIKELIHOODS,
+                   help="the VAEs' observation model; auto: bernoulli for the built-in images (binarized) and for "
+                        "0/1 data, continuous-bernoulli for values in [0, 1], gaussian otherwise (default: auto)")
+    _cli.add_threads_arg(p)
     p.add_argument("--quick", action="store_true",
                    help="tiny budgets: checks the whole pipeline in a fraction of the time; the numbers are not "
                         "meaningful")
@@ -86,13 +99,43 @@ def build_parser():
     return p
 
 
+def vae_likelihood(data: DataSplits, requested: str = "auto", binarize: str = "none") -> str:
+    """The VAEs' likelihood: ``requested`` unless auto; auto: bernoulli for binarized data or
+    0/1 values, continuous-bernoulli for values in [0, 1], gaussian otherwise."""
+    if requested != "auto":
+        return requested
+    if binarize != "none":
+        return "bernoulli"
+    rows = torch.cat([data.train, data.val, data.test])
+    if bool(((rows == 0) | (rows == 1)).all()):
+        return "bernoulli"
+    if float(rows.min()) >= 0 and float(rows.max()) <= 1:
+        return "continuous-bernoulli"
+    return "gaussian"
+
+
 class Study:
-    """What the stages share: where to write, the data flags, budgets, the seed."""
+    """What the stages share: where to write, the data flags, budgets, the seed; the data
+    (``source``: as loaded, unbinarized) and what the VAEs observe."""
 
     def __init__(self, args):
         self.args, self.out, self.seed = args, args.out, args.seed
-        self.budget = {**BUDGETS[args.dataset], **(QUICK if args.quick else {})}
-        self.summary: dict = {"dataset": args.dataset, "seed": args.seed, "stages": {}}
+        self.own = args.data is not None  # a matrix of the user's own
+        self.budget = {**BUDGETS["digits" if self.own else args.dataset], **(QUICK if args.quick else {})}
+        self.source = self.load("none")
+        self.name = self.source.name
+        self.images = self.source.image_shape is not None
+        # the VAEs: binarization and likelihood (the built-in images: binarized under a Bernoulli decoder)
+        requested = args.likelihood
+        if self.own:
+            binarize = "none" if args.binarize == "auto" else args.binarize
+        elif requested in ("auto", "bernoulli"):
+            binarize = resolve_binarize(args.binarize, args.dataset, None, "bernoulli")
+        else:
+            binarize = "none" if args.binarize == "auto" else args.binarize
+        self.vae_binarize = binarize
+        self.vae_likelihood = vae_likelihood(self.source, requested, binarize)
+        self.summary: dict = {"data": self.source.describe(), "seed": args.seed, "stages": {}, "skipped": {}}
         self.bar = None  # the running stage's progress bar (its unit: one run of a program)
 
     def tick(self, n: int = 1) -> None:
@@ -100,8 +143,17 @@ class Study:
             self.bar.update(n)
 
     def data(self, binarize: str, path: str | None = None) -> dict:
-        return {"dataset": self.args.dataset, "data_dir": self.args.data_dir, "data_path": path,
-                "binarize": binarize, "val_fraction": 0.1}
+        """The data spec of a run: the study's data (or the matrix ``path``, split alike)."""
+        a = self.args
+        if path is not None:
+            return {"dataset": "digits", "data_path": path, "binarize": binarize, "val_fraction": a.val_fraction,
+                    "test_fraction": a.test_fraction}
+        return {"dataset": a.dataset, "data_dir": a.data_dir, "data_path": a.data, "binarize": binarize,
+                "val_fraction": a.val_fraction, "test_fraction": a.test_fraction, "test_path": a.test_data,
+                "labels_path": a.labels, "test_labels_path": a.test_labels}
+
+    def load(self, binarize: str) -> DataSplits:
+        return DataSpec.from_dict(self.data(binarize), "the data flags").load()
 
     def fit(self, name: str, model: str, model_config: dict, train: dict, data: dict, **eval_kw) -> dict:
         """One ordinary fit into the run directory OUT/name; returns its metrics."""
@@ -114,26 +166,25 @@ class Study:
         return metrics
 
 
-def diagnose(study: "Study", name: str, *flags: str) -> dict:
-    """elbolab.scripts.diagnose on the run OUT/name (InferenceData, Pareto k, LOO, predictive checks,
-    written into that run directory); returns its diagnostics.json."""
-    from elbolab.scripts import diagnose as diagnose_script
-
+def diagnose(study: Study, name: str, **settings) -> dict:
+    """The library's diagnosis (``inference.diagnosis.diagnose_run``: InferenceData, Pareto k,
+    LOO, predictive checks, figures) of the run OUT/name, written into that run directory;
+    returns its numbers (diagnostics.json)."""
     run_dir = os.path.join(study.out, name)
-    argv = [run_dir, "--seed", str(study.seed), "--n-samples", str(max(21, study.budget["n_samples"])), *flags]
-    if study.args.threads is not None:
-        argv += ["--threads", str(study.args.threads)]
-    if study.args.quick:  # later flags win: few rows and draws
-        argv += ["--max-rows", "40", "--draws", "20"]
-    log = io.StringIO()  # its one-line summary: the report has it
-    with contextlib.redirect_stdout(log):
-        status = diagnose_script.main(argv)
-    if status != 0:
-        raise RuntimeError(f"diagnose.py failed on {run_dir}")
+    settings = {"seed": study.seed, "n_samples": max(21, study.budget["n_samples"]), **settings}
+    if study.args.quick:  # few rows and draws
+        settings.update(max_rows=40, draws=20)
+    numbers = diagnosis.diagnose_run(read_run(run_dir), run_dir, **settings)
     study.tick()
+    return numbers
 
-    with open(os.path.join(run_dir, "diagnostics.json")) as f:
-        return json.load(f)
+
+def skip(study: Study, doc: Document, stage: str, heading: str, why: str) -> str:
+    """A stage that does not apply to the data: said in the report, recorded in summary.json."""
+    doc.heading(heading)
+    doc.para(f"Skipped on {study.name}: {why}.")
+    study.summary["skipped"][stage] = why
+    return f"skipped: {why}"
 
 
 def _k_share(est: dict | None) -> str:
@@ -170,26 +221,33 @@ def _v(m: dict, name: str) -> float:
 def stage_ppca(study: Study, doc: Document) -> str:
     from elbolab.models import ppca
 
-    k = 10 if study.args.dataset == "digits" else 20
+    heading = "Probabilistic PCA: SVI against the closed form"
+    d = study.source.data_dim
+    if d < 2:
+        return skip(study, doc, "ppca", heading, "PPCA needs at least 2 columns (a latent dimension below the "
+                                                  "data's)")
+    k = 20 if study.args.dataset != "digits" and not study.own else min(10, d - 1)
     data = study.data("none")
-    n_train = load_dataset(study.args.dataset, data_dir=study.args.data_dir).n_train
+    n_train = study.source.n_train
     m = study.fit("ppca", "ppca", {"latent_dim": k, "guide": "amortized-full"},
                   {"steps": study.budget["ppca_steps"], "batch_size": study.budget["ppca_batch"] or n_train,
                    "lr": study.budget["ppca_lr"], "lr_final": 1e-4,
                    "epochs": None}, data)
-    x = load_dataset(study.args.dataset, data_dir=study.args.data_dir).train
+    x = study.source.train
     t0 = time.perf_counter()
     W, loc, scale, em_steps, em_hist = ppca.em(x, k, steps=2000, tol=1e-9, seed=study.seed)
     em_seconds = time.perf_counter() - t0
     q = m["quantities"]
     em_within = next((i + 1 for i, v in enumerate(em_hist) if _v(m, "mle_log_likelihood") - v < 0.01), None)
     gap = _v(m, "mle_log_likelihood") - _v(m, "train_log_likelihood")
-    doc.heading("Probabilistic PCA: SVI against the closed form")
-    doc.para(f"z ~ N(0, I_{k}), x | z ~ N(W z + loc, noise_scale² I) on the {study.args.dataset} grey levels; "
+    what = "grey levels" if study.images else "columns"
+    doc.heading(heading)
+    doc.para(f"z ~ N(0, I_{k}), x | z ~ N(W z + loc, noise_scale² I) on the {study.name} {what}; "
              "SVI with the full-covariance amortized guide (its family holds the exact posterior), "
              f"{'full-batch' if not study.budget['ppca_batch'] else str(study.budget['ppca_batch']) + '-row mini-batch'} "
-             f"Adam {study.budget['ppca_lr']} → 1e-4 over {m['run']['steps']} steps. The exact log-likelihood and the ELBO's exact gap "
-             "KL(q || p(z|x)) come from the closed forms (Tipping & Bishop).")
+             f"Adam {study.budget['ppca_lr']} → 1e-4 over {m['run']['steps']} steps. The exact log-likelihood and "
+             "the ELBO's exact gap KL(q || p(z|x)) come from the closed forms (Tipping & Bishop).")
+    imp = q.get("test_importance_log_likelihood")
     doc.table(["quantity", "value"], [
         ["closed-form maximum log-likelihood (train)", f"{_v(m, 'mle_log_likelihood'):.4f}"],
         ["SVI: exact log-likelihood at the fitted parameters (train)", f"{_v(m, 'train_log_likelihood'):.4f}"],
@@ -198,24 +256,31 @@ def stage_ppca(study: Study, doc: Document) -> str:
         ["SVI: exact KL(q ‖ p(z|x)) (train)", _pm(q.get("train_exact_kl"), 4)],
         ["SVI: exact test log-likelihood", _pm(q.get("test_log_likelihood"), 4)],
         ["SVI: importance-sampled test log-likelihood (K = "
-         f"{q['test_importance_log_likelihood']['K']})", _pm(q.get("test_importance_log_likelihood"), 4)],
+         f"{imp['K'] if imp else 'n/a'})", _pm(imp, 4)],
         ["SVI: convergence", m["run"]["convergence"]["verdict"]],
         ["SVI: seconds", f"{m['run']['seconds']:.1f}"],
-        ["EM: steps to within 0.01 nats / to convergence", f"{em_within} / {em_steps}"],
+        ["EM: steps to within 0.01 nats / to convergence",
+         f"{em_within if em_within is not None else 'not within ' + str(len(em_hist))} / {em_steps}"],
         ["EM: seconds to convergence", f"{em_seconds:.2f}"],
     ])
-    doc.figure("ppca/loss_curve.png", "PPCA: the training ELBO per datapoint against the step, with the "
-               "closed-form maximum log-likelihood (dashed)")
-    dg = diagnose(study, "ppca", "--max-rows", "270")
+    doc.figure("ppca/loss_curve.png", "PPCA: the training ELBO per datapoint against the step (grey: each "
+               "mini-batch; blue: its running mean), the validation ELBO with its ±2 standard-error band (orange), "
+               "and the closed-form maximum log-likelihood (red, dashed), which the ELBO approaches from below")
+    dg = diagnose(study, "ppca", max_rows=270)
     ll = dg["importance_log_likelihood"]
-    doc.para(f"Diagnostics (`ppca/summary.md`, InferenceData `ppca/diagnostics.nc`): the importance-sampled test "
-             f"log-likelihood {_pm(ll, 3)} (K = {ll['n_samples']}) against the exact "
-             f"{_v(m, 'test_log_likelihood'):.3f}; rows whose importance weights have Pareto k > 0.7: {_k_share(ll)} "
-             "(the guide is the exact posterior up to training error, so the weights are nearly constant). "
+    exact_test = q.get("test_log_likelihood")
+    doc.para(f"Diagnostics (`ppca/summary.md`, InferenceData `ppca/diagnostics.nc`): the importance-sampled "
+             f"log-likelihood of the first {dg['n_rows']} {dg['split']} rows {_pm(ll, 3)} (K = {ll['n_samples']})"
+             + (f" against the exact {dg['exact_log_likelihood']:.3f} of the same rows"
+                if "exact_log_likelihood" in dg else "")
+             + f"; rows whose importance weights have Pareto k > 0.7: {_k_share(ll)} "
+             "(the guide's family holds the exact posterior: at the optimum every weight would equal p(x)). "
              "Posterior-predictive p-values: " + ", ".join(f"{k} {v['p_value']:.2f}" for k, v in dg["ppc"].items())
              + " (near 0 or 1: the model misses that statistic of the data).")
     doc.figure("ppca/ppc.png", "PPCA: posterior-predictive checks (replicated statistics against the observed)")
-    study.summary["stages"]["ppca"] = {"optimum": _v(m, "mle_log_likelihood"), "svi": _v(m, "train_log_likelihood"),
+    study.summary["stages"]["ppca"] = {"latent_dim": k, "optimum": _v(m, "mle_log_likelihood"),
+                                       "svi": _v(m, "train_log_likelihood"),
+                                       "exact_test": exact_test["value"] if exact_test else None,
                                        "svi_seconds": m["run"]["seconds"], "em_steps": em_steps,
                                        "em_seconds": em_seconds, "convergence": m["run"]["convergence"]}
     return (f"SVI {m['run']['steps']} steps: {gap:.4f} nats below the closed-form optimum "
@@ -223,22 +288,36 @@ def stage_ppca(study: Study, doc: Document) -> str:
             f"EM within 0.01 in {em_within} steps")
 
 
-def correlated_pixels(x: torch.Tensor) -> tuple[int, int, float]:
-    """The pair of pixels with the largest |correlation| (a posterior with correlated loc)."""
+def correlated_columns(x: torch.Tensor, min_sd: float = 0.0) -> tuple[int, int, float]:
+    """The pair of columns with the largest |correlation| among those whose standard
+    deviation exceeds ``min_sd`` (a posterior of loc with that correlation)."""
     xs = x.double()
     sd = xs.std(0)
-    keep = torch.nonzero(sd > 0.2).flatten()
+    keep = torch.nonzero(sd > max(min_sd, 1e-12 * float(sd.max()))).flatten()
+    if keep.numel() < 2:
+        raise UsageError("fewer than two columns of the data vary")
     c = torch.corrcoef(xs[:, keep].T)
     c.fill_diagonal_(0)
     i, j = divmod(int(c.abs().argmax()), c.shape[0])
     return int(keep[i]), int(keep[j]), float(c[i, j])
 
 
+GAUSSIAN_GUIDES = ("mean-field", "full-rank", "structured")
+
+
 def stage_gaussian(study: Study, doc: Document) -> str:
-    full = load_dataset(study.args.dataset, data_dir=study.args.data_dir)
-    i, j, _ = correlated_pixels(full.train)
+    from elbolab.inference import diagnostic_plots as P
+    from elbolab.inference.diagnostics import load_netcdf
+
+    heading = "The Bayesian Gaussian: variational, exact and NUTS posteriors"
+    full = study.source
+    if full.data_dim < 2 or int((full.train.std(0) > 0).sum()) < 2:
+        return skip(study, doc, "gaussian", heading, "the Bayesian Gaussian is fit to two correlated columns, and "
+                                                      "fewer than two columns of the data vary")
+    what = "pixels" if study.images else "columns"
+    i, j, _ = correlated_columns(full.train, 0.2 if study.images else 0.0)  # images: no nearly constant pixel
     os.makedirs(os.path.join(study.out, "gaussian"), exist_ok=True)
-    path = os.path.join(study.out, "gaussian", "pixels.npy")
+    path = os.path.join(study.out, "gaussian", "pixels.npy" if study.images else "columns.npy")
     pair = full.train[:, [i, j]].double()
     if pair.shape[0] > GAUSSIAN_ROWS:  # MNIST: a seeded subset (NUTS over 54,000 rows costs minutes, and
         # the lesson, the mean-field variance ratio 1 - rho^2, does not depend on the number of rows)
@@ -246,13 +325,13 @@ def stage_gaussian(study: Study, doc: Document) -> str:
         pair = pair[keep.sort().values]
     rho = float(torch.corrcoef(pair.T)[0, 1])  # of the rows the posterior sees
     np.save(path, ((pair - pair.mean(0)) / pair.std(0)).numpy())  # standardized: the prior's scale is 1
-    data = {"dataset": "digits", "data_dir": None, "data_path": path, "binarize": "none", "val_fraction": 0.1}
-    n_train = load_dataset(data_path=path).n_train
+    data = study.data("none", path)
+    n_train = DataSpec.from_dict(data).load().n_train
     rows, res = [], {}
-    for guide in ("mean-field", "full-rank", "structured"):
-        res[guide] = m = study.fit(f"gaussian/{guide}", "gaussian", {"guide": guide},
-                                   {"steps": study.budget["gaussian_steps"], "lr": 0.1, "lr_final": 1e-4,
-                                    "n_particles": 16, "epochs": None, "batch_size": n_train}, data)
+    for guide in GAUSSIAN_GUIDES:
+        res[guide] = study.fit(f"gaussian/{guide}", "gaussian", {"guide": guide},
+                               {"steps": study.budget["gaussian_steps"], "lr": 0.1, "lr_final": 1e-4,
+                                "n_particles": 16, "epochs": None, "batch_size": n_train}, data)
     exact = res["structured"]["closed_forms"]["exact_posterior"]
     rows.append(["exact (Normal-Wishart)", *(f"{v:.4f}" for v in exact["loc_mean"]),
                  *(f"{v:.4f}" for v in exact["loc_sd"]), "1", "0"])
@@ -262,108 +341,172 @@ def stage_gaussian(study: Study, doc: Document) -> str:
         rows.append([f"SVI, {guide}", *(f"{v:.4f}" for v in g["loc_mean"]), *(f"{v:.4f}" for v in g["loc_sd"]),
                      " / ".join(f"{v:.2f}" for v in m["closed_forms"]["guide_loc_variance_ratio"]),
                      f"{kl['value'] * n_train:.3f} ± {kl['se'] * n_train:.3f}"])
-    # NUTS, the exact posterior and the guide side by side: scripts.diagnose on the structured run
+    # each guide's diagnosis; NUTS (2 chains) beside the exact posterior on the structured run's
     nuts_samples = study.budget["nuts_samples"]
-    dg = diagnose(study, "gaussian/structured", "--nuts-samples", str(nuts_samples), "--nuts-warmup",
-                  str(min(300, nuts_samples)), "--nuts-chains", "2")
-    import arviz as az
-
-    nuts_post = az.from_netcdf(os.path.join(study.out, "gaussian", "structured", "diagnostics_nuts.nc")).posterior
-    draws = torch.as_tensor(nuts_post["loc"].values).reshape(-1, 2)
-    rows.append([f"NUTS (2 chains x {nuts_samples} draws)", *(f"{v:.4f}" for v in draws.mean(0)),
-                 *(f"{v:.4f}" for v in draws.std(0)), "", ""])
-    d = load_dataset(data_path=path)
-    nuts_s = dg["nuts"]["seconds"]
-    doc.heading("The Bayesian Gaussian: variational, exact and NUTS posteriors")
-    doc.para(f"Pixels {i} and {j} of the {study.args.dataset} images (grey levels, standardized; correlation "
-             f"{rho:.2f}), {d.n_train} training rows, full-batch SVI ({study.budget['gaussian_steps']} steps, 16 draws each), a Normal-Wishart prior on (loc, precision). The posterior of loc is "
-             "correlated like the data, so the mean-field guide, which cannot represent that correlation, "
-             "under-estimates the variance of loc (the notes: variational inference under-estimates variance); "
-             f"for a Gaussian posterior with that correlation the factor would be 1 - rho² = {1 - rho**2:.2f}. The "
-             "structured guide's family holds the exact posterior; the KL column is log p(X) - ELBO, exact "
-             "evidence minus a Monte Carlo ELBO (± its standard error: a small negative value is Monte Carlo "
-             "noise around 0).")
+    dg = {}
+    for guide in GAUSSIAN_GUIDES:
+        nuts = {"nuts_samples": nuts_samples, "nuts_warmup": min(300, nuts_samples), "nuts_chains": 2} \
+            if guide == "structured" else {"nuts_samples": 0}
+        dg[guide] = diagnose(study, f"gaussian/{guide}", draws=300, **nuts)
+    base = os.path.join(study.out, "gaussian")
+    posteriors = {g: load_netcdf(os.path.join(base, g, "diagnostics.nc")) for g in GAUSSIAN_GUIDES}
+    posteriors["exact"] = load_netcdf(os.path.join(base, "structured", "diagnostics_exact.nc"))
+    posteriors["NUTS"] = load_netcdf(os.path.join(base, "structured", "diagnostics_nuts.nc"))
+    nuts_loc = posteriors["NUTS"].posterior["loc"].values.reshape(-1, 2)
+    rows.append([f"NUTS (2 chains x {nuts_samples} draws)", *(f"{v:.4f}" for v in nuts_loc.mean(0)),
+                 *(f"{v:.4f}" for v in nuts_loc.std(0, ddof=1)), "", ""])
+    mf = res["mean-field"]["closed_forms"]["guide_loc_variance_ratio"]
+    names = f"loc[0] is {what[:-1]} {i}, loc[1] {what[:-1]} {j}"
+    draws = dg["structured"]["draws"] * dg["structured"]["chains"]
+    P.interval_comparison_plot(
+        posteriors, "loc", os.path.join(base, "loc.png"),
+        f"The mean-field guide under-estimates the posterior variance of loc: var(loc) / exact = "
+        f"{min(mf):.2f}-{max(mf):.2f}, 1 - rho² = {1 - rho**2:.2f} at correlation rho = {rho:.2f}",
+        caption=f"{names} (standardized); {INTERVAL_TEXT} from {draws} draws of each guide and of the exact "
+                f"posterior, and {2 * nuts_samples} of NUTS")
+    P.forest_plot(posteriors, ["loc", "precision"], os.path.join(base, "forest.png"),
+                  "The Bayesian Gaussian: every guide beside the exact posterior and NUTS",
+                  caption=f"{names}; a panel per variable, each on its own scale, and per element of the precision "
+                          "(its diagonal near +8, its off-diagonal near -7); its lower triangle (the matrix is "
+                          "symmetric)")
+    nuts_s = dg["structured"]["nuts"]["seconds"]
+    doc.heading(heading)
+    doc.para(f"{what.capitalize()} {i} and {j} of the {study.name} {'images' if study.images else 'rows'} "
+             f"({'grey levels, ' if study.images else ''}standardized; correlation {rho:.2f}), {n_train} training "
+             f"rows, full-batch SVI ({study.budget['gaussian_steps']} steps, 16 draws each), a Normal-Wishart prior "
+             "on (loc, precision). The posterior of loc is correlated like the data, so the mean-field guide, which "
+             "cannot represent that correlation, under-estimates the variance of loc (the notes: variational "
+             "inference under-estimates variance); for a Gaussian posterior with that correlation the factor "
+             f"would be 1 - rho² = {1 - rho**2:.2f}. The structured guide's family holds the exact posterior; the "
+             "KL column is log p(X) - ELBO, exact evidence minus a Monte Carlo ELBO (± its standard error: a small "
+             "negative value is Monte Carlo noise around 0).")
     doc.table(["posterior", "E[loc_1]", "E[loc_2]", "sd(loc_1)", "sd(loc_2)", "var(loc) guide / exact",
                "KL(q ‖ posterior), nats"], rows)
-    gk = dg["guide_pareto_k"]
-    doc.para(f"The structured guide's Pareto k (Yao et al. 2018, over its draws of the global latents): "
-             f"{gk['k']:.2f}: {gk['reading']}. NUTS: {dg['nuts']['divergences']} divergences in "
-             f"{dg['nuts']['seconds']:.0f} s. Summary tables (mean, sd, HDI; ESS and R-hat for NUTS) and the "
-             "InferenceData files: `gaussian/structured/summary.md`, `diagnostics*.nc`.")
-    doc.figure("gaussian/structured/forest.png", "The Bayesian Gaussian: guide, exact and NUTS posteriors "
-               "side by side (94% intervals)")
-    doc.figure("gaussian/structured/pair.png", "The Bayesian Gaussian: pairwise posterior draws")
-    study.summary["stages"]["gaussian"] = {"pixels": [i, j], "correlation": rho,
+    doc.figure("gaussian/loc.png", f"The headline: loc's {INTERVAL_TEXT} of each guide on each coordinate's own "
+               "scale (the exact posterior's shaded), with each one's variance against the exact variance (from the "
+               "draws), and "
+               "the 94% ellipses of (loc[0], loc[1]): a guide that holds the posterior's correlation lies on the "
+               "exact ellipse; the mean-field guide's is axis-aligned, and narrower along each axis")
+    ks = ", ".join(f"{g} {dg[g]['guide_pareto_k']['k']:.2f}" for g in GAUSSIAN_GUIDES)
+    doc.para(f"Each guide's Pareto k (Yao et al. 2018, over its draws of the global latents; below 0.5 importance "
+             f"sampling can correct the guide, above 0.7 it cannot): {ks}. NUTS: "
+             f"{dg['structured']['nuts']['divergences']} divergences in {nuts_s:.0f} s. Summary tables (mean, sd, "
+             "HDI; ESS and R-hat for NUTS) and the InferenceData files: `gaussian/GUIDE/summary.md`, "
+             "`diagnostics*.nc`.")
+    doc.figure("gaussian/forest.png", "Every posterior of loc and of the precision matrix, each variable (and each "
+               "element of the precision) in a panel of its own on its own scale (loc's sd is about "
+               f"{exact['loc_sd'][0]:.2g}, the "
+               "precision's entries several units)")
+    doc.figure("gaussian/structured/pair.png", "The structured guide's draws against the exact posterior's and "
+               "NUTS's (drawn underneath); the outlines are each one's 94% ellipse")
+    study.summary["stages"]["gaussian"] = {"columns": [i, j], "correlation": rho,
                                            "variance_ratio": {g: m["closed_forms"]["guide_loc_variance_ratio"]
                                                               for g, m in res.items()},
+                                           "pareto_k": {g: dg[g]["guide_pareto_k"]["k"] for g in GAUSSIAN_GUIDES},
                                            "nuts_seconds": nuts_s}
-    mf = res["mean-field"]["closed_forms"]["guide_loc_variance_ratio"]
     kl = res["structured"]["quantities"]["train_kl_to_posterior"]["value"] * n_train
     return (f"mean-field var(loc)/exact = {min(mf):.2f}-{max(mf):.2f} (1 - rho² = {1 - rho**2:.2f}); "
             f"structured KL {kl:.3f} nats")
 
 
+LIKELIHOOD_TEXT = {"bernoulli": "Bernoulli decoders", "continuous-bernoulli": "continuous-Bernoulli decoders",
+                   "gaussian": "Gaussian decoders (one learned noise scale)",
+                   "gaussian-diag": "Gaussian decoders (a learned noise scale per column)"}
+
+
 def stage_vae(study: Study, doc: Document) -> str:
     b = study.budget
-    data = study.data("threshold" if study.args.dataset == "digits" else "dynamic")
+    likelihood, binarize = study.vae_likelihood, study.vae_binarize
+    data = study.data(binarize)
+    latent_dim = min(b["latent_dim"], study.source.data_dim)
     rows, best = [], None
-    for model in ("vae", "gmvae"):
-        cfg = {"latent_dim": b["latent_dim"], "hidden": list(b["hidden"]), "activation": "elu"}
+    for model, guide, objective in VAE_RUNS:
+        cfg = {"latent_dim": latent_dim, "hidden": list(b["hidden"]), "activation": "elu", "likelihood": likelihood}
         if model == "gmvae":
             cfg["n_components"] = b["n_components"]
-        for guide in ("amortized", "per-datapoint"):
-            for objective in ("elbo", "iwae"):
-                name = f"{model}-{guide}-{objective}"
-                train = {"objective": objective, "n_particles": b["iwae_k"] if objective == "iwae" else 1,
-                         "epochs": b["vae_epochs"], "batch_size": b["vae_batch"], "lr": 1e-3}
-                m = study.fit(f"vae/{name}", model, {**cfg, "guide": guide}, train, data)
-                q = m["quantities"]
-                ll = q.get("test_log_likelihood")
-                au = m["diagnostics"].get("test_active_units", {})
-                rows.append([model, guide, f"{objective} (K = {train['n_particles']})", _pm(q["train_elbo"]),
-                             _pm(q.get("test_elbo")), _pm(ll), _k_share(ll),
-                             f"{au['active_units']} / {au['latent_dim']}" if au else "n/a",
-                             f"{m['run']['seconds']:.1f}"])
-                if isinstance(ll, dict) and (best is None or ll["value"] > best[1]):
-                    best = (name, ll["value"])
+        name = f"{model}-{guide}-{objective}"
+        train = {"objective": objective, "n_particles": b["iwae_k"] if objective == "iwae" else 1,
+                 "epochs": b["vae_epochs"], "batch_size": b["vae_batch"], "lr": 1e-3, "lr_final": None,
+                 "steps": None}
+        m = study.fit(f"vae/{name}", model, {**cfg, "guide": guide}, train, data)
+        q = m["quantities"]
+        ll = q.get("test_log_likelihood")
+        au = m["diagnostics"].get("test_active_units", {})
+        rows.append([model, guide, f"{objective} (K = {train['n_particles']})", _pm(q["train_elbo"]),
+                     _pm(q.get("test_elbo")), _pm(ll), _k_share(ll),
+                     f"{au['active_units']} / {au['latent_dim']}" if au else "n/a",
+                     f"{m['run']['seconds']:.1f}"])
+        if isinstance(ll, dict) and (best is None or ll["value"] > best[1]):
+            best = (name, ll["value"])
     doc.heading("VAEs: objectives and guides")
-    doc.para(f"Bernoulli decoders on the binarized {study.args.dataset} images; latent dimension {b['latent_dim']}, "
+    observed = (f"the {'binarized ' if binarize != 'none' else ''}{study.name} "
+                + ("images" if study.images else "rows"))
+    chosen = ("" if study.args.likelihood != "auto" else
+              " (the likelihood the data call for: " + {"bernoulli": "0/1 values",
+                                                        "continuous-bernoulli": "values in [0, 1]",
+                                                        "gaussian": "real values",
+                                                        "gaussian-diag": "real values"}[likelihood] + ")")
+    doc.para(f"{LIKELIHOOD_TEXT[likelihood]} on {observed}{chosen}; latent dimension {latent_dim}, "
              f"MLPs {'-'.join(str(h) for h in b['hidden'])} (ELU); the mixture prior has {b['n_components']} "
              f"components. {b['vae_epochs']} epochs, batch {b['vae_batch']}, Adam 1e-3. The test log-likelihood is "
-             f"the importance-sampled estimate with K = {b['n_samples']} draws per image (a lower bound in "
-             "expectation). A per-datapoint guide has no encoder: it cannot infer test images without an "
+             f"the importance-sampled estimate with K = {b['n_samples']} draws per row (a lower bound in "
+             "expectation). A per-datapoint guide has no encoder: it cannot infer test rows without an "
              "optimization of its own, so its test columns are empty here (the inference-gap section below "
              "measures per-datapoint q on test rows by that optimization).")
     doc.table(["model", "guide", "objective", "train ELBO", "test ELBO", "test log-likelihood",
                "rows with Pareto k > 0.7", "active units", "seconds"], rows)
-    doc.para("Pareto k (PSIS, Vehtari et al.) of each test image's importance weights: above 0.7 the "
+    doc.para("Pareto k (PSIS, Vehtari et al.) of each test row's importance weights: above 0.7 the "
              "estimate of that row is unreliable; the column marks the whole estimate unreliable when more than "
              "1% of the rows are (the weights have too heavy a tail for K draws).")
-    for name in ("vae-amortized-elbo", "gmvae-amortized-iwae"):
+    mean_name = "Bernoulli means" if likelihood == "bernoulli" else "means of p(x | z)"
+    for name in PICTURE_RUNS:
         for pic, what in (("reconstructions.png", "test images and their reconstructions"),
-                          ("prior_samples.png", "samples from the prior (Bernoulli means)"),
-                          ("latent_means.png", "the guide's means of the test images, in 2-D")):
+                          ("prior_samples.png", f"samples from the prior ({mean_name})"),
+                          ("latent_means.png", "the guide's means of the test rows, in 2-D"
+                                               + (", coloured by label" if study.source.test_labels is not None
+                                                  else ""))):
             if os.path.exists(os.path.join(study.out, "vae", name, pic)):
                 doc.figure(f"vae/{name}/{pic}", f"{name}: {what}")
-    for name in ("vae-amortized-elbo", "gmvae-amortized-iwae"):
-        dg = diagnose(study, f"vae/{name}", "--max-rows", "270")
-        doc.figure(f"vae/{name}/pareto_k.png", f"{name}: Pareto k of each test image's importance weights")
+    for name in PICTURE_RUNS:
+        dg = diagnose(study, f"vae/{name}", max_rows=270)
+        doc.figure(f"vae/{name}/pareto_k.png", f"{name}: Pareto k of each test row's importance weights")
+        shown = dg["figures_show"]
         doc.para(f"{name}: posterior-predictive p-values " + ", ".join(
             f"{k} {v['p_value']:.2f}" for k, v in dg["ppc"].items()) + "; diagnostics and InferenceData in "
             f"`vae/{name}/summary.md`, `vae/{name}/diagnostics.nc`.")
-    study.summary["stages"]["vae"] = {"best": best}
-    return f"{len(rows)} fits; best test log-likelihood {best[1]:.2f} ({best[0]})" if best else f"{len(rows)} fits"
+        if name == PICTURE_RUNS[0]:
+            doc.figure(f"vae/{name}/forest.png",
+                       f"{name}: the guide's posterior of z for rows {', '.join(map(str, shown['rows']))} of the "
+                       f"{dg['n_rows']} diagnosed ({shown['why_rows']}), latent dims "
+                       f"{', '.join(map(str, shown.get('latent', [])))} (those whose means vary most over the rows): "
+                       "z is one vector per row, so a few are shown")
+    study.summary["stages"]["vae"] = {"likelihood": likelihood, "binarize": binarize, "best": best}
+    return f"{len(rows)} fits ({likelihood}); best test log-likelihood {best[1]:.2f} ({best[0]})" if best \
+        else f"{len(rows)} fits ({likelihood})"
+
 
 def stage_gaps(study: Study, doc: Document) -> str:
     from elbolab.scripts import compare_guides
 
+    heading = "Amortized against per-datapoint guides: the inference gap"
     a, out = study.args, os.path.join(study.out, "gaps")
-    argv = ["--dataset", a.dataset, "--out", out, "--overwrite", "--seed", str(study.seed),
-            "--n-samples", str(study.budget["n_samples"]), *study.budget["gaps"]]
-    if a.data_dir is not None:
-        argv += ["--data-dir", a.data_dir]
-    if a.threads is not None:
-        argv += ["--threads", str(a.threads)]
+    d = study.source.data_dim
+    if d < 2:
+        return skip(study, doc, "gaps", heading, "the guides are compared on PPCA and VAEs with a latent dimension "
+                                                  "below the data's, and the data have one column")
+    argv = ["--out", out, "--overwrite", "--seed", str(study.seed), "--n-samples", str(study.budget["n_samples"]),
+            "--threads", str(a.threads), *study.budget["gaps"]]
+    skipped_vaes = ""
+    if study.own:
+        argv += ["--data", a.data, "--val-fraction", str(a.val_fraction), "--test-fraction", str(a.test_fraction),
+                 "--latent-dim", str(min(5, d - 1))]
+        argv += ["--test-data", a.test_data] if a.test_data else []
+        if study.vae_likelihood != "bernoulli" or study.vae_binarize != "none":
+            argv += ["--model", "ppca"]  # compare-guides' VAEs have Bernoulli decoders: 0/1 data only
+            skipped_vaes = (f"The VAEs are left out here: compare-guides' VAEs have Bernoulli decoders, and these "
+                            f"data call for a {study.vae_likelihood} likelihood. ")
+    else:
+        argv += ["--dataset", a.dataset] + (["--data-dir", a.data_dir] if a.data_dir is not None else [])
     if a.progress is not None:
         argv.append("--progress" if a.progress else "--no-progress")
     log = io.StringIO()  # its tables go to the report, not to the terminal
@@ -389,8 +532,8 @@ def stage_gaps(study: Study, doc: Document) -> str:
                          f"{r['training']['seconds']:.1f}", infer])
             if guide == "amortized":
                 amortization[family] = t["amortization_gap"]["mean"]
-    doc.heading("Amortized against per-datapoint guides: the inference gap")
-    doc.para("One model per guide, trained with that guide; then on test rows, with the model fixed, the "
+    doc.heading(heading)
+    doc.para(skipped_vaes + "One model per guide, trained with that guide; then on test rows, with the model fixed, the "
              "guide's q and q*, the best Gaussian of the same family for each row (a per-row optimization). "
              "inference gap = log p(x) - L[q] = approximation gap (log p(x) - L[q*], the family's limit) + "
              "amortization gap (L[q*] - L[q], what the encoder gives away by sharing one network across rows; "
@@ -412,9 +555,16 @@ def stage_identities(study: Study, doc: Document) -> str:
     from elbolab.scripts import identities as ids
     from elbolab.scripts import demos
 
-    args = argparse.Namespace(dataset=study.args.dataset, data=None, data_dir=study.args.data_dir,
-                              binarize="none", val_fraction=0.1, latent_dim=2, quick=study.args.quick,
-                              seed=study.seed)
+    heading = "The course notes' identities, measured"
+    latent_dim = 2
+    if study.source.data_dim <= latent_dim:
+        return skip(study, doc, "identities", heading,
+                    f"the identities' PPCA rows need a latent dimension ({latent_dim}) below the data's "
+                    f"({study.source.data_dim} columns)")
+    a = study.args
+    args = argparse.Namespace(dataset=a.dataset, data=a.data, test_data=a.test_data, labels=None, test_labels=None,
+                              data_dir=a.data_dir, binarize="none", val_fraction=a.val_fraction,
+                              test_fraction=a.test_fraction, latent_dim=latent_dim, quick=a.quick, seed=study.seed)
     out = os.path.join(study.out, "identities")
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
@@ -425,7 +575,7 @@ def stage_identities(study: Study, doc: Document) -> str:
     save_json(metrics, os.path.join(out, "metrics.json"))
     with atomic_write(os.path.join(out, "demos.md")) as f:
         f.write(demos.markdown(metrics, rows))
-    doc.heading("The course notes' identities, measured")
+    doc.heading(heading)
     doc.para(f"{metrics['identities_hold']} of {metrics['identities']} identities hold. Each row measures both "
              "sides (nats); s.e. is the standard error of a Monte Carlo side ('exact' when both are closed forms); "
              "a row holds when the difference is within the stated tolerance in the direction of its relation. "
@@ -449,7 +599,7 @@ def stage_identities(study: Study, doc: Document) -> str:
 
 
 # runs of a program per stage (fits, diagnoses, trainings of compare_guides), for the stage's bar
-STAGE_RUNS = {"ppca": 2, "gaussian": 4, "vae": 10, "gaps": 11, "identities": 1}
+STAGE_RUNS = {"ppca": 2, "gaussian": 6, "vae": 10, "gaps": 11, "identities": 1}
 STAGE_FUNCTIONS = {"ppca": stage_ppca, "gaussian": stage_gaussian, "vae": stage_vae, "gaps": stage_gaps,
                    "identities": stage_identities}
 
@@ -471,22 +621,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not stages:
         raise UsageError(f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'}; "
                          f"choose from {','.join(STAGES)}")
-    if args.dataset != "digits" and args.data_dir is None:
+    if args.dataset != "digits" and args.data_dir is None and args.data is None:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir DIR holding its IDX files")
-    load_dataset(args.dataset, data_dir=args.data_dir)  # bad data: refused before anything is written
-    if args.threads is None and args.dataset == "digits":
-        args.threads = 1
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    study = Study(args)
-    doc = Document(f"elbolab report: {args.dataset}")
+    _cli.check_data_args(args)
+    _cli.set_threads(args.threads)
+    study = Study(args)  # the data loaded and checked: bad data are refused before anything is written
+    DataSpec.from_dict(study.data(study.vae_binarize)).load(study.vae_likelihood)  # e.g. --likelihood bernoulli
+    doc = Document(f"elbolab report: {study.name}")
     doc.para("Every number is in nats per datapoint unless it says otherwise; ± is one standard error over the "
              "rows of the set (or over Monte Carlo draws where a row says so). Each section is an ordinary run "
              "of the workbench's own programs; their run directories sit beside this report.")
-    t_all = time.perf_counter()
+    t_all, cpu_all = time.perf_counter(), time.process_time()
     with RunDir(args.out, overwrite=args.overwrite, refusal=_cli.REFUSAL) as run_dir:
         for name in stages:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             # a bar per stage over its runs (each fit's own bar below it while it trains);
             # it gives way to the stage's one-line summary
             study.bar = tqdm(total=STAGE_RUNS[name], desc=name, unit="run", leave=False, dynamic_ncols=True,
@@ -497,15 +645,20 @@ def main(argv: list[str] | None = None) -> int:
                 study.bar.close()
                 study.bar = None
             seconds = time.perf_counter() - t0
-            study.summary["stages"].setdefault(name, {})["seconds"] = seconds
+            # CPU seconds beside the wall-clock ones: on a shared machine the wall clock counts the
+            # other programs' turns too
+            study.summary["stages"].setdefault(name, {}).update(seconds=seconds,
+                                                                cpu_seconds=time.process_time() - cpu0)
             print(f"[{name}] {line} ({seconds:.0f} s)", flush=True)
-        total = time.perf_counter() - t_all
+        total, cpu_total = time.perf_counter() - t_all, time.process_time() - cpu_all
         doc.heading("Run")
-        doc.table(["stage", "seconds"], [[n, f"{study.summary['stages'][n]['seconds']:.1f}"] for n in stages]
-                  + [["total", f"{total:.1f}"]])
+        doc.table(["stage", "seconds (wall clock)", "CPU seconds"],
+                  [[n, f"{s['seconds']:.1f}", f"{s['cpu_seconds']:.1f}"]
+                   for n, s in ((n, study.summary["stages"][n]) for n in stages)] + [["total", f"{total:.1f}", f"{cpu_total:.1f}"]])
+        command = " ".join(argv if argv is not None else sys.argv[1:])
         doc.para(f"Seed {args.seed}; torch threads {torch.get_num_threads()}. Reproduce with "
-                 f"`elbolab report --dataset {args.dataset} --out {args.out}`.")
-        study.summary["seconds"] = total
+                 f"`elbolab report {command}`.")
+        study.summary["seconds"], study.summary["cpu_seconds"] = total, cpu_total
         save_json(study.summary, run_dir.file("summary.json"))
         md, page = write_report(doc, args.out)
     print(f"report: {md} (and {page}), {total:.0f} s")

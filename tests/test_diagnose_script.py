@@ -55,10 +55,13 @@ def test_diagnose_writes_every_output_and_leaves_the_run_alone(runs, name):
         assert (run / f).read_bytes() == content, f  # the run's own files are untouched
     idata = D.load_netcdf(str(run / "diagnostics.nc"))
     assert set(idata.groups()) >= {"posterior", "posterior_predictive", "log_likelihood", "sample_stats",
-                                   "observed_data"}
+                                   "observed_data", "replicated_log_likelihood"}
+    assert list(idata.log_likelihood.data_vars) == ["x"]  # one variable: az.loo needs no var_name
     n = json.loads((run / "diagnostics.json").read_text())
     ll = idata.log_likelihood["x"]
-    assert ll.dims == ("chain", "draw", "row") and ll.shape[:2] == (1, 25) and ll.shape[2] == n["n_rows"]
+    assert ll.dims == ("chain", "draw", "row") and ll.shape[:2] == (2, 25) and ll.shape[2] == n["n_rows"]  # 2 chains
+    assert idata.observed_data["x"].dims == ("row", "feature")
+    assert idata.posterior_predictive["x"].dims == ("chain", "draw", "row", "feature")
     md = (run / "summary.md").read_text()
     for heading in ("## Importance weights (Pareto k)", "## Leave-one-out (PSIS-LOO) and WAIC",
                     "## Posterior predictive checks", "## Posteriors"):
@@ -71,7 +74,10 @@ def test_diagnose_writes_every_output_and_leaves_the_run_alone(runs, name):
         assert 0 <= s["p_value"] <= 1
     if name == "gaussian":
         assert n["latents"] == "global" and n["n_rows"] == 48  # all training rows
-        assert idata.posterior["precision"].shape == (1, 25, 2, 2)
+        assert idata.posterior["precision"].dims == ("chain", "draw", "feature", "feature_bis")
+        assert idata.posterior["precision"].shape == (2, 25, 2, 2)
+        assert idata.posterior["loc"].dims == ("chain", "draw", "feature")
+        np.testing.assert_array_equal(idata.log_likelihood["row"].values, np.arange(48))  # the training rows' indices
         assert math.isfinite(n["guide_pareto_k"]["k"])
         assert set(table["posterior"]) == {"variational", "exact", "NUTS"}
         nuts = table[table["posterior"] == "NUTS"]
@@ -80,7 +86,10 @@ def test_diagnose_writes_every_output_and_leaves_the_run_alone(runs, name):
         assert (run / "diagnostics_nuts.nc").is_file() and n["nuts"]["chains"] == 2
     else:
         assert n["latents"] == "per row" and n["n_rows"] == 25
-        assert idata.posterior["z"].dims == ("chain", "draw", "row", "z_dim_0")
+        assert idata.posterior["z"].dims == ("chain", "draw", "row", "latent")
+        assert n["figures_show"]["rows"] and len(n["figures_show"]["rows"]) <= 3  # the rows the figures show
+        # the digits' rows carry their class labels as a coordinate along row
+        assert idata.posterior["label"].dims == ("row",) and set(idata.posterior["label"].values) <= set(range(10))
         pk = n["importance_log_likelihood"]["pareto_k"]
         assert pk["n_rows"] == 25 and pk["n_samples"] == 30 and isinstance(pk["reliable"], bool)
         assert (run / "pareto_k.png").stat().st_size > 500
@@ -125,7 +134,8 @@ def test_diagnose_bad_input(runs, tmp_path, capsys):
     bad([str(tmp_path / "nope"), "--out", str(out)], "no such run directory")
     bad([str(vae), "--split", "test", "--out", str(out)], "per-datapoint and cannot infer test rows")
     bad([str(runs["gaussian"][0]), "--split", "test", "--out", str(out)], "the guide's latents are global")
-    bad([str(vae), "--n-samples", "5", "--out", str(out)], "--n-samples must be at least 21")
+    bad([str(vae), "--n-samples", "5", "--out", str(out)], "--n-samples: must be at least 21")
+    bad([str(vae), "--nuts-samples", "1", "--out", str(out)], "--nuts-samples: must be 0 (no NUTS) or at least 2")
     bad([str(vae), "--draws", "0", "--out", str(out)], "--draws: must be >= 1")
     (tmp_path / "file").write_text("x")
     bad([str(vae), "--out", str(tmp_path / "file")], "exists and is not a directory")

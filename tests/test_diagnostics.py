@@ -1,4 +1,4 @@
-"""ArviZ diagnostics (issue 6) against closed forms.
+"""ArviZ diagnostics against closed forms.
 
 * Pareto k of importance weights: exactly Pareto weights give k = 1/alpha; on PPCA the
   exact-posterior guide gives k < 0.5 for (nearly) every row, and a guide narrowed by s
@@ -152,10 +152,16 @@ def test_inference_data_of_global_latents_round_trips_through_netcdf(exact_gauss
     assert set(idata.groups()) >= {"posterior", "posterior_predictive", "log_likelihood", "sample_stats",
                                    "observed_data"}
     post = idata.posterior
-    assert post["loc"].dims == ("chain", "draw", "loc_dim_0") and post["loc"].shape == (2, 2000, 2)
+    # named dims (the model's variable_dims; the data's columns are features)
+    assert post["loc"].dims == ("chain", "draw", "feature") and post["loc"].shape == (2, 2000, 2)
+    assert post["precision"].dims == ("chain", "draw", "feature", "feature_bis")
     assert post["precision"].shape == (2, 2000, 2, 2)  # the model's quantities(...) of the Bartlett draws
     assert idata.log_likelihood["x"].dims == ("chain", "draw", "row") and idata.log_likelihood["x"].shape[-1] == 60
+    assert list(idata.log_likelihood.data_vars) == ["x"]  # the replicated side lives in a group of its own
+    assert idata.replicated_log_likelihood["x"].dims == ("chain", "draw", "row")
+    assert idata.posterior_predictive["x"].dims == ("chain", "draw", "row", "feature")
     assert idata.posterior_predictive["x"].shape == (2, 2000, 60, 2)
+    assert idata.observed_data["x"].dims == ("row", "feature")
     np.testing.assert_array_equal(idata.observed_data["x"].values, x.numpy())
     path = tmp_path / "d.nc"
     D.save_netcdf(idata, str(path))
@@ -231,7 +237,7 @@ def test_loo_of_per_row_latents_is_the_harmonic_mean_with_its_closed_form_tail()
         m = models.build_model("ppca", {"latent_dim": 1}, 3, 150).double()
         m.set_parameters(W, torch.zeros(3, dtype=F64), 1.0)
         m.set_guide_optimal()
-        idata = D.to_inference_data(m, x, None, draws=2000, seed=0, predictive=False)
+        idata = D.to_inference_data(m, x, None, draws=2000, chains=1, seed=0, predictive=False)
         k = D.loo_waic(idata)["pointwise_k"]
         # the GPD fit on the top 3 sqrt(S) ratios: rows far from the mean are pre-asymptotic
         # (their ratios look log-normal); measured medians within 0.08 of the closed form
@@ -285,7 +291,7 @@ def test_inference_data_of_per_row_latents_matches_a_hand_built_reference(ppca_m
         sample_stats={"log_joint": (log_lik + log_prior).numpy(), "log_q": log_q.numpy(),
                       "log_weight": (log_lik + log_prior - log_q).numpy()},
         observed_data={"x": x.numpy()},
-        dims={"z": ["row", "z_dim_0"], "x": ["row", "x_dim_0"], "log_joint": ["row"], "log_q": ["row"],
+        dims={"z": ["row", "latent"], "x": ["row", "feature"], "log_joint": ["row"], "log_q": ["row"],
               "log_weight": ["row"]})
     reference.add_groups(log_likelihood=az.from_dict(posterior={"x": log_lik.numpy()}, dims={"x": ["row"]}).posterior)
     for group in ("posterior", "log_likelihood", "sample_stats", "observed_data"):
@@ -301,5 +307,19 @@ def test_inference_data_of_per_row_latents_matches_a_hand_built_reference(ppca_m
     resid = (rep - mean) / s
     assert abs(float(resid.mean())) < 4 / math.sqrt(resid.numel())  # 4 standard errors
     assert abs(float(resid.std()) - 1) < 4 / math.sqrt(2 * resid.numel())
-    np.testing.assert_allclose(idata.posterior_predictive["x_rep_log_likelihood"].values,
+    np.testing.assert_allclose(idata.replicated_log_likelihood["x"].values,
                                torch.distributions.Normal(mean, s).log_prob(rep).sum(-1).numpy(), rtol=1e-12)
+
+
+def test_one_mcmc_chain_gets_ess_but_no_r_hat():
+    """R-hat compares chains: a one-chain NUTS posterior's summary has ESS and no R-hat
+    column (rather than NaN and a shape warning); two chains have both. The draws are
+    independent N(0, 1), so ESS is near the number of draws and R-hat near 1."""
+    g = torch.Generator().manual_seed(0)
+    draws = torch.randn(1000, 2, generator=g, dtype=F64)
+    one = D.samples_to_inference_data({"loc": draws}, 1, inference="NUTS (pyro MCMC)")
+    two = D.samples_to_inference_data({"loc": draws}, 2, inference="NUTS (pyro MCMC)")
+    t1, t2 = D.summary_table({"NUTS": one}), D.summary_table({"NUTS": two})
+    assert "r_hat" not in t1.columns and (t1["ess_bulk"] > 700).all()  # 1000 independent draws
+    # split R-hat of independent draws is 1 + O(1/n): measured within 0.005 of 1 here
+    assert "r_hat" in t2.columns and (t2["r_hat"] - 1).abs().max() < 0.01

@@ -1,0 +1,65 @@
+"""Lightning loggers on `elbolab fit --logger`: the CSV logger writes its metrics file in
+the run directory (lightning_logs/version_0/metrics.csv) with the numbers history.csv
+has; tensorboard without its package is refused in one line, exit 2, nothing written."""
+
+import csv
+import importlib.util
+
+import pytest
+
+from elbolab.scripts import fit as fit_script
+
+TINY = ["--model", "vae", "--latent-dim", "2", "--hidden", "16", "--epochs", "3", "--n-samples", "30",
+        "--no-progress", "--threads", "1"]
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_csv_logger_writes_the_history_into_the_run_directory(tmp_path):
+    out = tmp_path / "run"
+    assert fit_script.main([*TINY, "--logger", "csv", "--out", str(out)]) == 0
+    logged = _rows(out / "lightning_logs" / "version_0" / "metrics.csv")
+    assert (out / "lightning_logs" / "version_0" / "hparams.yaml").is_file()  # the TrainConfig
+    history = {int(r["step"]): r for r in _rows(out / "history.csv")}
+    bounds = {int(r["step"]): float(r["train_bound"]) for r in logged if r["train_bound"]}
+    vals = {int(r["step"]): float(r["val_elbo"]) for r in logged if r["val_elbo"]}
+    # 39 steps (3 epochs of 13 batches): a fit that short logs every step; every validation
+    assert sorted(bounds) == list(range(1, 40))
+    for step, value in bounds.items():
+        # history.csv rounds to 6 decimals
+        assert value == pytest.approx(float(history[step]["train_bound"]), abs=1e-6)
+    assert sorted(vals) == [13, 26, 39]
+    for step, value in vals.items():
+        assert value == pytest.approx(float(history[step]["val_elbo"]), abs=1e-6)
+
+
+def test_without_a_logger_nothing_but_history(tmp_path):
+    out = tmp_path / "run"
+    assert fit_script.main([*TINY, "--epochs", "1", "--out", str(out)]) == 0
+    assert not (out / "lightning_logs").exists() and (out / "history.csv").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None
+                    or importlib.util.find_spec("tensorboardX") is not None,
+                    reason="tensorboard is installed here: the refusal cannot be seen")
+def test_tensorboard_without_its_package_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert fit_script.main([*TINY, "--logger", "tensorboard", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'elbolab[tensorboard]'" in err and "--logger" in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_tensorboard_logger_writes_event_files(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert fit_script.main([*TINY, "--logger", "tensorboard", "--out", str(out)]) == 0
+    events = EventAccumulator(str(out / "lightning_logs" / "version_0"))
+    events.Reload()
+    assert {"train_bound", "val_elbo", "val_elbo_se"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("val_elbo")] == [13, 26, 39]
