@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import math
 import os
 import struct
@@ -30,7 +31,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from elbolab.models.errors import DataError
+from elbolab.models.errors import DataError, UsageError
+from elbolab.models.resources import GiB, check_memory, open_regular
 
 BINARIZE = ("none", "threshold", "static", "dynamic")
 BUILTIN = ("digits",)
@@ -47,6 +49,12 @@ STATIC_BINARIZE_SEED = 1234  # the seed of the one "static" Bernoulli draw
 # allocated; a gzip stream (whose size is unknown until read) is read in chunks and
 # may declare at most this many payload bytes (1 GiB: 1.3 million 28x28 images).
 MAX_GZIP_PAYLOAD = 1 << 30
+# Only regular files are read (a FIFO would block, /dev/zero never ends), of at most
+# these sizes; the values they declare must also fit the memory available (each value
+# is held as read, as float64 while checked, and as float32).
+MAX_FILE_BYTES = 16 * GiB  # .npy, .npz, IDX
+MAX_CSV_BYTES = 1 * GiB  # parsed through Python lists: several times its size in memory
+CSV_MEMORY_FACTOR = 10  # bytes of memory per byte of CSV text while it is parsed (measured about 6)
 _CHUNK = 1 << 22
 # Errors a corrupt or hostile file can raise while being read.
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, zipfile.BadZipFile, csv.Error,
@@ -164,9 +172,9 @@ def check_binary(x: torch.Tensor, source: str) -> None:
 # --------------------------------------------------------------------------- readers
 
 
-def _is_gzip(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
+def _values_fit(n_values: int, itemsize: int, source: str) -> None:
+    """Refuse data whose values, as read, as float64 and as float32, would not fit in memory."""
+    check_memory(n_values * (itemsize + 8 + 4), f"{source}: its {n_values} values")
 
 
 _IDX_DTYPES = {
@@ -199,8 +207,10 @@ def read_idx(path: str) -> np.ndarray:
     declared size (at most ``MAX_GZIP_PAYLOAD``) and must end there.
     """
     try:
-        gz = _is_gzip(path)
-        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        raw = open_regular(path, MAX_FILE_BYTES, "IDX file")
+        gz = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        with raw, (gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw) as f:
             head = f.read(4)
             if len(head) < 4:
                 raise DataError(f"{path}: too short for an IDX file ({len(head)} bytes)")
@@ -222,13 +232,10 @@ def read_idx(path: str) -> np.ndarray:
             elif expected > MAX_GZIP_PAYLOAD:
                 raise DataError(f"{path}: its header declares {expected} bytes (dims {dims}), more than "
                                 f"the {MAX_GZIP_PAYLOAD} a gzip IDX file may hold here")
+            _values_fit(math.prod(dims), dtype.itemsize, path)
             payload = _read_at_most(f, expected + 1)
-    except DataError:
+    except UsageError:  # DataError, or a refusal for lack of memory
         raise
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected an IDX file") from None
     except _READ_ERRORS as e:
         raise DataError(f"{path}: cannot read it ({_first_line(e)})") from None
     if len(payload) != expected:
@@ -246,7 +253,7 @@ def _first_line(e: BaseException) -> str:
 def _find(data_dir: str, stem: str) -> str:
     for name in (stem, stem + ".gz"):
         p = os.path.join(data_dir, name)
-        if os.path.isfile(p):
+        if os.path.exists(p):  # a regular file, or something read_idx refuses by name
             return p
     raise DataError(f"{os.path.join(data_dir, stem)}[.gz]: no such file")
 
@@ -279,7 +286,8 @@ def load_idx_pair(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 def _read_csv(path: str) -> np.ndarray:
     """A numeric CSV in UTF-8 (a byte-order mark is fine; an all-text first row is a
     header; blank lines are skipped). Errors name the file's line and column (1-based)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.TextIOWrapper(open_regular(path, MAX_CSV_BYTES, "CSV file"), newline="", encoding="utf-8-sig") as f:
+        check_memory(CSV_MEMORY_FACTOR * os.fstat(f.fileno()).st_size, f"{path}: parsing it")
         reader = csv.reader(f)
         rows = [(reader.line_num, r) for r in reader if any(cell.strip() for cell in r)]
     if not rows:
@@ -322,6 +330,8 @@ def _check_npy_header(f, available: int, source: str) -> None:
     if dtype.hasobject:
         raise DataError(f"{source}: holds Python objects (a pickled array); only numeric arrays are read")
     need = math.prod(shape) * dtype.itemsize
+    if need <= available - f.tell():
+        _values_fit(math.prod(shape), dtype.itemsize, source)
     if need > available - f.tell():
         raise DataError(f"{source}: its header declares shape {tuple(shape)} of {dtype} ({need} bytes) "
                         f"but the file holds {max(available - f.tell(), 0)}")
@@ -329,42 +339,46 @@ def _check_npy_header(f, available: int, source: str) -> None:
 
 def load_matrix(path: str) -> np.ndarray:
     """A user's matrix from .npy, .npz (one array, or the key ``x``/``X``/``data``) or .csv."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, expected a .npy, .npz or .csv file")
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".npy":
-            with open(path, "rb") as f:
+            with open_regular(path, MAX_FILE_BYTES, ".npy, .npz or .csv file") as f:
                 _check_npy_header(f, os.fstat(f.fileno()).st_size, path)
                 f.seek(0)
                 arr = np.load(f, allow_pickle=False)
         elif ext == ".npz":
-            if not zipfile.is_zipfile(path):
-                raise DataError(f"{path}: not a .npz (zip) archive")
-            with np.load(path, allow_pickle=False) as z:
-                keys = list(z.keys())
-                if not keys:
-                    raise DataError(f"{path}: the .npz archive holds no arrays")
-                key = next((k for k in ("x", "X", "data") if k in keys), None)
-                if key is None and len(keys) == 1:
-                    key = keys[0]
-                if key is None:
-                    raise DataError(f"{path}: several arrays {keys}; name one of them x")
-                member = key if key in z.zip.namelist() else key + ".npy"
-                with z.zip.open(member) as f:
-                    _check_npy_header(f, z.zip.getinfo(member).file_size, f"{path}[{key}]")
-                arr = z[key]
+            with open_regular(path, MAX_FILE_BYTES, ".npy, .npz or .csv file") as f:
+                arr = _load_npz(f, path)
         elif ext == ".csv":
             arr = _read_csv(path)
         else:
+            open_regular(path, None, ".npy, .npz or .csv file").close()  # absent, a directory, a FIFO: say so
             raise DataError(f"{path}: unknown file type {ext or '(none)'}; use .npy, .npz or .csv")
-    except DataError:
+    except UsageError:  # DataError, or a refusal for lack of memory
         raise
     except _READ_ERRORS as e:
         raise DataError(f"{path}: cannot read it ({_first_line(e)})") from None
     return validate_matrix(arr, path)
+
+
+def _load_npz(f, path: str) -> np.ndarray:
+    """The array of an open .npz archive: the only one, or the one named x, X or data."""
+    if not zipfile.is_zipfile(f):
+        raise DataError(f"{path}: not a .npz (zip) archive")
+    f.seek(0)
+    with np.load(f, allow_pickle=False) as z:
+        keys = list(z.keys())
+        if not keys:
+            raise DataError(f"{path}: the .npz archive holds no arrays")
+        key = next((k for k in ("x", "X", "data") if k in keys), None)
+        if key is None and len(keys) == 1:
+            key = keys[0]
+        if key is None:
+            raise DataError(f"{path}: several arrays {keys}; name one of them x")
+        member = key if key in z.zip.namelist() else key + ".npy"
+        with z.zip.open(member) as m:
+            _check_npy_header(m, z.zip.getinfo(member).file_size, f"{path}[{key}]")
+        return z[key]
 
 
 # --------------------------------------------------------------------------- splits

@@ -336,10 +336,29 @@ def mle(x: torch.Tensor, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor, t
     loc = data mean; noise_scale^2 = mean of the d - k smallest eigenvalues of the
     1/N sample covariance; W = U_k (Lambda_k - noise_scale^2 I)^(1/2) (the rotation
     R = I of the family of solutions W R).
+
+    With more dimensions than rows (d > N) the covariance (d, d) is never formed: its
+    nonzero eigenvalues are s_i^2 / N and its leading eigenvectors the right singular
+    vectors of the centred rows X_c = U S V^T (N, d), the other d - N eigenvalues are
+    zero, and the d - k smallest sum to tr(cov) - sum_{i<k} s_i^2 / N with
+    tr(cov) = ||X_c||_F^2 / N: O(N^2 d) time and O(N d) memory.
     """
-    d = x.shape[1]
+    n, d = x.shape
     if not 1 <= latent_dim < d:
         raise ConfigError(f"the closed-form PPCA needs 1 <= latent_dim < d = {d}, got {latent_dim}")
+    if d > n:
+        x = x.double()
+        mean = x.mean(0)
+        xc = x - mean
+        _, sv, vh = torch.linalg.svd(xc, full_matrices=False)  # sv (r,), vh (r, d), r = min(N, d), descending
+        evals = sv**2 / n
+        top = evals[:latent_dim]
+        noise_var = ((xc**2).sum() / n - top.sum()) / (d - latent_dim)
+        noise_var = noise_var.clamp_min(1e-12)
+        W = torch.zeros(d, latent_dim, dtype=x.dtype)
+        r = top.shape[0]  # k may exceed the rank: the rest of W is zero (eigenvalue 0 <= noise)
+        W[:, :r] = vh[:r].T * (top - noise_var).clamp_min(0.0).sqrt()
+        return W, mean, noise_var.sqrt()
     mean, cov = sample_covariance(x)
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     evals, evecs = evals.flip(0), evecs.flip(1)
@@ -353,10 +372,20 @@ def marginal_covariance(W: torch.Tensor, noise_scale: torch.Tensor) -> torch.Ten
 
 
 def log_marginal(x: torch.Tensor, W: torch.Tensor, loc: torch.Tensor, noise_scale: torch.Tensor) -> torch.Tensor:
-    """log N(x_i; loc, W W^T + noise_scale^2 I) per row (N,), float64."""
-    W, loc, noise_scale = W.double(), loc.double(), torch.as_tensor(noise_scale).double()
-    C = marginal_covariance(W, noise_scale)
-    return torch.distributions.MultivariateNormal(loc, covariance_matrix=C).log_prob(x.double())
+    """log N(x_i; loc, C) per row (N,), float64, C = W W^T + noise_scale^2 I_d (d, d), without
+    forming C: with M = W^T W + noise_scale^2 I_k (k, k) = L L^T, the determinant lemma gives
+    log|C| = (d - k) log noise_scale^2 + log|M| and the Woodbury identity C^-1 = (I - W M^-1
+    W^T) / noise_scale^2, so for r = x_i - loc the quadratic form is (|r|^2 - |L^-1 W^T
+    r|^2) / noise_scale^2. O(N d k + k^3) time and O(N d + d k) memory where the dense
+    form takes O(d^3) and O(d^2) (80 GB at d = 100000)."""
+    W, loc, noise_var = W.double(), loc.double(), torch.as_tensor(noise_scale).double() ** 2
+    d, k = W.shape
+    L = torch.linalg.cholesky(W.T @ W + noise_var * torch.eye(k, dtype=W.dtype))  # (k, k)
+    r = x.double() - loc  # (N, d)
+    u = torch.linalg.solve_triangular(L, (r @ W).T, upper=False)  # (k, N): L^-1 W^T r
+    quad = ((r**2).sum(-1) - (u**2).sum(0)) / noise_var
+    logdet = (d - k) * torch.log(noise_var) + 2 * torch.log(torch.diagonal(L)).sum()
+    return -0.5 * (d * math.log(2 * math.pi) + logdet + quad)
 
 
 def mean_log_marginal(cov: torch.Tensor, W: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
