@@ -33,6 +33,8 @@ from typing import Callable
 import torch
 import torch.distributed as tdist
 
+from elbolab.inference.errors import UsageError
+
 EVAL_CHUNK = 1000  # rows per evaluation chunk (and per seed): fixed, so results do not depend on world size
 
 
@@ -43,21 +45,83 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def launch_rank(devices: int) -> int:
-    """The global rank this process will have once Lightning starts, read from the
-    launcher's environment in Lightning's own order: SLURM's ``srun`` (SLURM_PROCID),
-    ``torchrun`` (RANK), else Lightning's subprocess launcher, which starts local
-    ranks 1.. with LOCAL_RANK set and takes NODE_RANK from the user on multi-node
-    runs (global rank NODE_RANK * devices + LOCAL_RANK). 0 for a plain start."""
-    env = os.environ
+LAUNCHER_ADDRESS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK")  # what each node of a multi-node run needs
+
+
+def _env_int(name: str) -> int | None:
+    """An integer environment variable (None if unset); UsageError if it is not one."""
+    text = os.environ.get(name)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"the environment variable {name}={text[:40]!r} is not an integer") from None
+
+
+PROCESSES_PER_CPU = 4  # CPU processes a run may start per core of this machine (more would only thrash)
+
+
+def check_local_processes(devices: int, accelerator: str) -> None:
+    """Refuse more CPU processes on this machine than it has cores to run them
+    (``PROCESSES_PER_CPU`` per core): Lightning would start them all."""
+    cores = os.cpu_count() or 1
+    if accelerator == "cpu" and devices > PROCESSES_PER_CPU * cores:
+        raise UsageError(f"devices {devices}: more CPU processes than this machine's {cores} cores can run "
+                         f"(at most {PROCESSES_PER_CPU * cores})")
+
+
+def launch_rank(devices: int, num_nodes: int = 1) -> int:
+    """The global rank this process will have once Lightning starts a run of
+    P = ``devices`` x ``num_nodes`` processes, read from the launcher's environment in
+    Lightning's own order: SLURM's ``srun`` (SLURM_PROCID of SLURM_NTASKS), ``torchrun``
+    (RANK of WORLD_SIZE), else Lightning's subprocess launcher, which starts local ranks
+    1.. with LOCAL_RANK and WORLD_SIZE set and takes NODE_RANK from the user on
+    multi-node runs (global rank NODE_RANK * devices + LOCAL_RANK).
+
+    Rank variables are trusted only where they describe this run, since only rank 0
+    checks, locks and writes the run directory: with P = 1 the process is rank 0
+    whatever the environment holds (a shell started by ``torchrun`` passes its
+    LOCAL_RANK on); with P > 1 a launcher's world size must equal P and the rank lie in
+    [0, P), else UsageError. A multi-node run (``num_nodes`` > 1) needs its launcher's
+    environment (SLURM, torchrun, or MASTER_ADDR, MASTER_PORT and NODE_RANK on every
+    node): without it the processes would wait forever for nodes that never come, so it
+    is refused. 0 for a plain start of a one-node run."""
+    world = int(devices) * int(num_nodes)
+    if world == 1:
+        return 0
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
     if SLURMEnvironment.detect():
-        return int(env.get("SLURM_PROCID", 0))
-    if TorchElasticEnvironment.detect():
-        return int(env["RANK"])
-    node = int(env.get("NODE_RANK", env.get("GROUP_RANK", 0)))
-    return node * int(devices) + int(env.get("LOCAL_RANK", 0))
+        source, size, rank = "SLURM_NTASKS", _env_int("SLURM_NTASKS"), _env_int("SLURM_PROCID") or 0
+    elif TorchElasticEnvironment.detect():
+        source, size, rank = "WORLD_SIZE", _env_int("WORLD_SIZE"), _env_int("RANK") or 0
+    else:
+        if num_nodes > 1:
+            missing = [v for v in LAUNCHER_ADDRESS if v not in os.environ]
+            if missing:
+                raise UsageError(f"num_nodes {num_nodes}: a multi-node run needs its launcher's environment (srun, "
+                                 f"torchrun, or {', '.join(LAUNCHER_ADDRESS)} set on every node); "
+                                 f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set")
+        local, node = _env_int("LOCAL_RANK"), _env_int("NODE_RANK")
+        node = _env_int("GROUP_RANK") if node is None else node
+        if local is None and not node:
+            return 0  # a plain start: this process is rank 0 and launches the others
+        size = _env_int("WORLD_SIZE")
+        if local is not None and size is None:  # Lightning's launcher sets both in the processes it starts
+            raise UsageError(f"LOCAL_RANK={local} in the environment but no WORLD_SIZE: not a process of a "
+                             f"launched {world}-process run (unset LOCAL_RANK to start one)")
+        local, node = local or 0, node or 0
+        if not (0 <= local < devices and 0 <= node < num_nodes):
+            raise UsageError(f"LOCAL_RANK={local}, NODE_RANK={node} in the environment do not fit devices {devices} "
+                             f"x num_nodes {num_nodes}")
+        source, rank = "WORLD_SIZE", node * int(devices) + local
+    if size is not None and size != world:
+        raise UsageError(f"{source}={size} in the environment, but devices {devices} x num_nodes {num_nodes} = "
+                         f"{world} processes (the variables of another launch?)")
+    if not 0 <= rank < world:
+        raise UsageError(f"the launcher's rank {rank} is outside a {world}-process run")
+    return rank
 
 
 def _comm_device() -> torch.device:

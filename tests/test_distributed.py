@@ -137,18 +137,24 @@ def test_fit_script_under_ddp_writes_once_and_evaluates_like_one_process(tmp_pat
 
 
 def test_launch_rank_reads_the_launchers_environment(monkeypatch):
-    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_NTASKS", "SLURM_PROCID",
-                "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE"):
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_NTASKS", "SLURM_PROCID", "WORLD_SIZE",
+                "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     assert distributed.launch_rank(4) == 0  # a plain start is rank 0
-    monkeypatch.setenv("LOCAL_RANK", "1")  # Lightning's second local process
+    monkeypatch.setenv("LOCAL_RANK", "1")  # Lightning's second local process ...
+    monkeypatch.setenv("WORLD_SIZE", "4")
     assert distributed.launch_rank(4) == 1
-    monkeypatch.setenv("NODE_RANK", "2")  # on the third node of 4 processes each
-    assert distributed.launch_rank(4) == 9
+    assert distributed.launch_rank(1) == 0  # ... but one process is rank 0 whatever it inherits
+    for var, value in (("NODE_RANK", "2"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(var, value)  # on the third node of 4 processes each
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert distributed.launch_rank(4, num_nodes=4) == 9
     monkeypatch.setenv("SLURM_NTASKS", "8")  # srun: SLURM_PROCID is the global rank
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_JOB_NAME", "fit")
-    assert distributed.launch_rank(4) == 5
+    assert distributed.launch_rank(4, num_nodes=2) == 5
+    with pytest.raises(runs.UsageError, match="SLURM_NTASKS=8 in the environment, but devices 4 x num_nodes 1"):
+        distributed.launch_rank(4)
 
 
 def test_run_dir_other_ranks_leave_the_locked_directory_alone(tmp_path):
