@@ -43,10 +43,10 @@ from elbolab import models
 from elbolab.inference import distributed
 from elbolab.inference.checkpoints import CHECKPOINT, HISTORY, check_checkpoint, load_checkpoint
 from elbolab.inference.diagnostics import ParetoK
-from elbolab.inference.errors import UsageError
+from elbolab.inference.errors import Interrupted, UsageError
 from elbolab.inference.evaluate import (IWAELadder, active_units, elbo_estimate, elbo_terms, global_latent_sites,
                                         log_likelihood_seed, test_log_likelihood)
-from elbolab.inference.files import remove_temporaries, save_json
+from elbolab.inference.files import TMP_PREFIX, remove_temporaries, save_json
 from elbolab.inference.traces import DATA_PLATE, infers_new_rows, latent_names
 from elbolab.inference.train import check_objective_for_model, fit
 from elbolab.inference.train_config import MAX_TENSOR_ELEMENTS, TrainConfig, check_config_for_data, rows_per_batch
@@ -55,6 +55,7 @@ from elbolab.inference.convergence import verdict
 from elbolab.inference.metrics import SCHEMA_VERSION, UNITS, exact, from_estimate, quantity
 from elbolab.inference.objectives import build_objective
 from elbolab.models.protocol import ClosedForms, InitializesFromData
+from elbolab.models.resources import check_memory, open_regular
 from elbolab.models.datasources import (BINARIZE, DATASETS, DataSplits, check_binary, check_unit_interval,
                                         load_dataset)
 
@@ -65,6 +66,10 @@ ARGUMENTS = "arguments.pt"  # the data arguments of a model fit from Python (elb
 PYTHON = "<python>"  # the model of a run fit from Python: load_run needs it (and its guide) again
 FROM_PYTHON = "arguments"  # the data of such a run: the arguments given to elbolab.fit
 LOCK = ".lock"
+MAX_CONFIG_BYTES = 1 << 24  # a config.json is a few kB; 16 MiB is refused unread
+# what elbolab writes into a run directory (fit, evaluate, diagnose, report): files of
+# these kinds are an old run's when --overwrite replaces it
+RUN_FILE_SUFFIXES = (".json", ".ckpt", ".csv", ".png", ".pt", ".nc", ".md", ".html", ".txt", ".svg", ".pdf")
 N_SAMPLES = 1000  # default importance samples per row for the test log-likelihood
 EVAL_PARTICLES = 10  # default draws per row for the reported ELBO
 # automatic guides a model function can be given by name
@@ -262,12 +267,14 @@ class RunSpec:
         if not os.path.isdir(run_dir):
             raise UsageError(f"{run_dir}: no such run directory")
         path = os.path.join(run_dir, CONFIG)
+        if not os.path.lexists(path):
+            raise UsageError(f"{run_dir}: no {CONFIG} there (not a run directory)")
         try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise UsageError(f"{run_dir}: no {CONFIG} there (not a run directory)") from None
-        except (OSError, ValueError) as e:  # JSON and UTF-8 decoding errors are ValueErrors
+            with open_regular(path, MAX_CONFIG_BYTES, CONFIG) as f:  # never a FIFO or a device
+                d = json.loads(f.read().decode("utf-8"))
+        except UsageError:
+            raise
+        except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 decoding errors are ValueErrors
             raise UsageError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         return cls.from_dict(d, path)
 
@@ -391,14 +398,40 @@ class RunDir:
     ``rank``: this process's global rank in a multi-process (DDP) run. Only rank 0
     checks, creates and locks the directory; the other ranks write nothing and leave it
     alone (they are started by rank 0's run or beside it, so the lock rank 0 holds is
-    theirs too)."""
+    theirs too).
+
+    ``replace_run``: the directory is to hold one run (``fit``): with ``overwrite`` the
+    old run's files are removed once the lock is held, before anything is written, so
+    that nothing of it (a picture another model made, an evaluation) stays beside the
+    new run. Only what elbolab writes is removed: a directory that also holds other
+    entries (subdirectories, files of other kinds) is refused, not emptied."""
 
     def __init__(self, path: str, overwrite: bool = False, resume: bool = False, rank: int = 0,
-                 refusal: str = "pass overwrite=True to replace what it holds"):
+                 refusal: str = "pass overwrite=True to replace what it holds", replace_run: bool = False,
+                 inputs: tuple = ()):
         self.path, self.overwrite, self.resume, self.rank = path, overwrite, resume, rank
         self.refusal = refusal  # what the caller's user can do about a non-empty directory
+        self.replace_run = replace_run and overwrite and not resume
+        self.inputs = {os.path.realpath(p) for p in inputs if p}  # files the run reads: never removed
         self._locked = False
         self._fd: int | None = None
+
+    def old_run_files(self) -> list[str]:
+        """The entries an overwrite removes (all but the lock); UsageError if one is not a
+        file elbolab writes, or is one of the run's own inputs (its data)."""
+        if not os.path.isdir(self.path):
+            return []
+        names = sorted(f for f in os.listdir(self.path) if f != LOCK)
+        for name in names:
+            p = self.file(name)
+            if (os.path.islink(p) or not os.path.isfile(p)
+                    or not (name.startswith(TMP_PREFIX) or name.endswith(RUN_FILE_SUFFIXES))):
+                raise UsageError(f"{self.path}: holds {name}, which no elbolab run writes; overwriting replaces a "
+                                 "run's files only: remove it, or choose another directory")
+            if os.path.realpath(p) in self.inputs:
+                raise UsageError(f"{self.path}: holds {name}, which this run reads; overwriting would remove it: "
+                                 "move it, or choose another directory")
+        return names
 
     def check(self) -> None:
         """Refuse before any work starts; creates nothing."""
@@ -413,6 +446,8 @@ class RunDir:
             return
         if os.path.isdir(p) and [f for f in os.listdir(p) if f != LOCK] and not self.overwrite:
             raise UsageError(f"{p}: the directory is not empty; {self.refusal}")
+        if self.replace_run:
+            self.old_run_files()
         parent = os.path.dirname(os.path.abspath(p))
         if not os.path.isdir(parent) and not os.access(os.path.dirname(parent) or "/", os.W_OK):
             raise UsageError(f"{p}: cannot create it here")
@@ -432,6 +467,10 @@ class RunDir:
             self._unlock()
             raise
         remove_temporaries(self.path)
+        if self.replace_run:
+            for name in self.old_run_files():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.file(name))
         atexit.register(self._unlock)
         return self
 
@@ -508,21 +547,18 @@ class LoadedRun:
 STATE_PREFIX = "model."  # the Lightning module holds the model as its attribute ``model``
 
 
-def load_state(model: torch.nn.Module, run_dir: str) -> int:
+def load_state(model: torch.nn.Module, run_dir: str, config: TrainConfig | None = None) -> int:
     """Load ``run_dir``'s checkpoint into ``model`` (after a warm-up pass built any lazy
-    parameters); returns the checkpoint's step."""
-    ckpt = load_checkpoint(os.path.join(run_dir, CHECKPOINT))
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise UsageError(f"{run_dir}/{CHECKPOINT}: no state_dict in the checkpoint")
-    own = {k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
+    parameters), every part of it checked first (against ``config``, the run's training
+    configuration, where given); returns the checkpoint's step."""
+    ckpt = check_checkpoint(os.path.join(run_dir, CHECKPOINT), model, config, training=False)
+    own = {k[len(STATE_PREFIX):]: v for k, v in ckpt["state_dict"].items()}
     try:
         model.load_state_dict(own, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise UsageError(f"{run_dir}/{CHECKPOINT}: does not fit the model in {CONFIG} ({first[:200]})") from None
-    step = ckpt.get("global_step", 0)
-    return int(step) if isinstance(step, int) else 0
+    return ckpt["global_step"]
 
 
 def read_run(run_dir: str, model=None, guide=None) -> LoadedRun:
@@ -544,7 +580,7 @@ def read_run(run_dir: str, model=None, guide=None) -> LoadedRun:
         wm.prepare()
         empty = wm.rows[:0]
         data = DataSplits("data", wm.rows, empty, empty, source="arguments")
-        step = load_state(wm, run_dir)
+        step = load_state(wm, run_dir, spec.train)
         wm.eval()
         return LoadedRun(run_dir, spec, data, wm, step)
     if model is not None or guide is not None:
@@ -559,7 +595,7 @@ def read_run(run_dir: str, model=None, guide=None) -> LoadedRun:
     model = build_model(spec, data)
     with torch.no_grad():  # a warm-up pass creates any lazily built parameters
         model.guide(data.train[:1])
-    step = load_state(model, run_dir)
+    step = load_state(model, run_dir, spec.train)
     model.eval()
     return LoadedRun(run_dir, spec, data, model, step)
 
@@ -574,48 +610,128 @@ def check_spec_for_data(spec: RunSpec, data: DataSplits) -> None:
     if k * data.data_dim > MAX_TENSOR_ELEMENTS:
         raise UsageError(f"eval_particles {k} x {data.data_dim} data dimensions is more than the "
                          f"{MAX_TENSOR_ELEMENTS:.3g} values allowed in one tensor; lower it")
+    check_memory_for_fit(spec, data)
+
+
+# A training step holds, per particle and row, a handful of tensors as wide as the
+# widest layer (values, log densities, their gradients): this many, to be safe.
+ACTIVATION_COPIES = 8
+TRAINING_COPIES = 4  # each parameter, its gradient and Adam's two moments
+
+
+def fit_memory(spec: RunSpec, data: DataSplits) -> tuple[int, int, int] | None:
+    """(bytes, parameters, widest layer) a fit of a built-in model needs, estimated from
+    the shapes alone before anything is allocated: the model is built on PyTorch's
+    "meta" device (shapes, no storage), its parameters and buffers are counted
+    ``TRAINING_COPIES`` times, and a step's activations as ``ACTIVATION_COPIES`` float32
+    tensors of n_particles x batch rows x the widest layer (the largest dimension of a
+    parameter that is not a count of training rows, at least the data dimension).
+    None for a user's model (its code is not run twice)."""
+    if not spec.builtin:
+        return None
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            meta = models.build_model(spec.model, spec.model_config, data.data_dim, data.n_train)
+    except UsageError:
+        raise
+    except Exception:  # a model that cannot be built without storage: no estimate
+        return None
+    tensors = list(meta.parameters()) + list(meta.buffers())
+    n_params = sum(t.numel() for t in tensors)
+    state = TRAINING_COPIES * sum(t.numel() * t.element_size() for t in tensors)
+    width = max([data.data_dim] + [int(d) for t in tensors for d in t.shape if d != data.n_train])
+    batch = min(spec.train.batch_size, data.n_train)
+    step = ACTIVATION_COPIES * spec.train.n_particles * batch * width * 4
+    return state + step, n_params, width
+
+
+def check_memory_for_fit(spec: RunSpec, data: DataSplits) -> None:
+    """Refuse a fit whose estimated memory (:func:`fit_memory`) is more than is available."""
+    need = fit_memory(spec, data)
+    if need is not None:
+        check_memory(need[0], f"{spec.model} with {need[1]:,} parameters (x{TRAINING_COPIES} while training) and "
+                              f"steps of {spec.train.n_particles} x {min(spec.train.batch_size, data.n_train)} x "
+                              f"{need[2]} values")
+
+
+def budget_run(spec: RunSpec, checkpoint: dict) -> RunSpec:
+    """The spec of a resumed run with the budget it actually runs: a budget already spent
+    (``epochs`` or ``steps`` below what the checkpoint has done) trains nothing, and the
+    run's record keeps what was done, not the smaller number asked for."""
+    t = spec.train
+    if t.steps is not None:
+        done = max(t.steps, int(checkpoint["global_step"]))
+        train = t if done == t.steps else dataclasses.replace(t, steps=done)
+    else:
+        done = max(t.epochs, int(checkpoint["epoch"]))
+        train = t if done == t.epochs else dataclasses.replace(t, epochs=done)
+    return spec if train is t else dataclasses.replace(spec, train=train)
+
+
+def _interrupted(run_dir: "RunDir") -> Interrupted:
+    """What a Ctrl-C during a fit leaves: the run directory and its last checkpoint."""
+    path = run_dir.file(CHECKPOINT)
+    if not os.path.isfile(path):
+        return Interrupted(run_dir.path if os.path.isfile(run_dir.file(CONFIG)) else None)
+    try:
+        step = load_checkpoint(path).get("global_step")
+    except (UsageError, AttributeError):
+        step = None
+    return Interrupted(run_dir.path, path, step if isinstance(step, int) else None)
 
 
 def fit_run(spec: RunSpec, out: str, overwrite: bool = False, resume: bool = False,
             refusal: str = "pass overwrite=True to replace its run or resume=True to continue it",
             data: DataSplits | None = None) -> dict:
     """Fit ``spec`` into the run directory ``out`` (refused if it holds a run, unless
-    ``overwrite``; ``resume`` continues the run there from its last checkpoint) and
-    return its metrics. Everything is checked before anything is written. A fresh run of
-    a model that takes starting values from the data (``models.protocol.InitializesFromData``)
-    gets them from its training rows. ``data``: the spec's data, if already loaded."""
+    ``overwrite``, which first removes the old run's files; ``resume`` continues the run
+    there from its last checkpoint) and return its metrics. Everything is checked
+    before anything is written: the launcher's environment, the data, the memory the
+    fit needs, the model, the directory and (on resume) every part of the checkpoint.
+    A fresh run of a model that takes starting values from the data
+    (``models.protocol.InitializesFromData``) gets them from its training rows.
+    ``data``: the spec's data, if already loaded. Ctrl-C raises :class:`Interrupted`
+    naming the checkpoint to resume from."""
     train = spec.train
+    # under DDP every process runs this; only (global) rank 0 locks and writes the directory
+    distributed.check_local_processes(train.devices, train.accelerator)
+    rank = distributed.launch_rank(train.devices, train.num_nodes)
     data = spec.data.load(spec.likelihood()) if data is None else data
     check_spec_for_data(spec, data)
     torch.manual_seed(train.seed)
     model = build_model(spec, data)
     # a run killed before its first checkpoint resumes from the start: nothing was saved
-    from_checkpoint = resume and os.path.isfile(os.path.join(out, CHECKPOINT))
+    # (a checkpoint that is there but no regular file is refused by check_checkpoint below)
+    from_checkpoint = resume and os.path.lexists(os.path.join(out, CHECKPOINT))
     if not from_checkpoint and isinstance(model, InitializesFromData):
         model.initialize_from_data(data.train)
     check_objective_for_model(model, data, train)
-    # under DDP every process runs this; only (global) rank 0 locks and writes the directory
-    run_dir = RunDir(out, overwrite=overwrite, resume=resume, rank=distributed.launch_rank(train.devices),
-                     refusal=refusal)
-    if resume and os.path.isfile(run_dir.file(CHECKPOINT)):
-        check_checkpoint(run_dir.file(CHECKPOINT), model)  # refused before anything is written
+    run_dir = RunDir(out, overwrite=overwrite, resume=resume, rank=rank, refusal=refusal, replace_run=True,
+                     inputs=(spec.data.data_path,))
+    run_dir.check()
+    checkpoint = None
+    if from_checkpoint:  # refused before anything is written
+        checkpoint = check_checkpoint(run_dir.file(CHECKPOINT), model, train)
+        spec = budget_run(spec, checkpoint)
+        train = spec.train
     with run_dir:
-        if overwrite and not resume and run_dir.rank == 0:
-            for name in (CHECKPOINT, METRICS, HISTORY):
-                if os.path.exists(run_dir.file(name)):
-                    os.unlink(run_dir.file(name))
-        if run_dir.rank == 0:
-            save_json({**spec.to_dict(), "data_info": data.describe()}, run_dir.file(CONFIG))
-        t0 = time.perf_counter()
-        result = fit(model, data, train, out_dir=out, resume=from_checkpoint)
-        pareto = ParetoK()  # the Pareto k of each test row's importance weights (if any are drawn)
-        metrics = evaluate_run(model, data, spec, result, pareto=pareto)  # every rank takes part
-        metrics["wall_seconds"] = time.perf_counter() - t0
-        metrics["world_size"], metrics["rank_param_diff"] = result.world_size, result.rank_param_diff
-        if distributed.rank_and_world()[0] != 0:
-            return metrics
-        save_json(metrics, run_dir.file(METRICS))
-        write_figures(model, data, spec, result, metrics, pareto, out)
+        try:
+            if run_dir.rank == 0:
+                save_json({**spec.to_dict(), "data_info": data.describe()}, run_dir.file(CONFIG))
+            t0 = time.perf_counter()
+            result = fit(model, data, train, out_dir=out, resume=from_checkpoint, checkpoint=checkpoint)
+            pareto = ParetoK()  # the Pareto k of each test row's importance weights (if any are drawn)
+            metrics = evaluate_run(model, data, spec, result, pareto=pareto)  # every rank takes part
+            metrics["wall_seconds"] = time.perf_counter() - t0
+            metrics["world_size"], metrics["rank_param_diff"] = result.world_size, result.rank_param_diff
+            if distributed.rank_and_world()[0] != 0:
+                return metrics
+            save_json(metrics, run_dir.file(METRICS))
+            write_figures(model, data, spec, result, metrics, pareto, out)
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:
+            raise _interrupted(run_dir) from None
     return metrics
 
 

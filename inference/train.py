@@ -16,8 +16,10 @@ checkpoints, early stopping and multi-process training; this module supplies:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +29,8 @@ import numpy as np
 import torch
 
 from elbolab.inference import distributed
-from elbolab.inference.checkpoints import CHECKPOINT, HISTORY, check_checkpoint, checkpoint_io, write_history
+from elbolab.inference.checkpoints import (CHECKPOINT, HISTORY, check_checkpoint, checkpoint_io, for_lightning,
+                                          write_history)
 from elbolab.inference.errors import UsageError
 from elbolab.inference.loggers import LogMetrics, make_logger
 from elbolab.models.datasources import DataSplits
@@ -60,6 +63,38 @@ class FitResult:
         return float(np.mean([r["loss"] for r in tail]))
 
 
+def interrupt_watch():
+    """A Lightning callback that notes a Ctrl-C (KeyboardInterrupt) reaching the Trainer.
+
+    Lightning's handler of an interrupted ``Trainer.fit`` ignores SIGINT from then on and
+    calls ``sys.exit(1)``: the interrupt would end the program with status 1 and no
+    word. ``fit`` raises KeyboardInterrupt instead when this callback saw one, and
+    ``restoring_sigint`` puts back the SIGINT handler that was in place before."""
+    import lightning.pytorch as pl
+
+    class InterruptWatch(pl.Callback):
+        seen = False
+
+        def on_exception(self, trainer, module, exception):
+            if isinstance(exception, KeyboardInterrupt):
+                self.seen = True
+
+        @contextlib.contextmanager
+        def restoring_sigint(self):
+            try:
+                before = signal.getsignal(signal.SIGINT)
+            except ValueError:  # not the main thread: signals are not ours to handle
+                before = None
+            try:
+                yield
+            finally:
+                if before is not None and signal.getsignal(signal.SIGINT) is not before:
+                    with contextlib.suppress(ValueError, TypeError):
+                        signal.signal(signal.SIGINT, before)
+
+    return InterruptWatch()
+
+
 def check_objective_for_model(model, data: DataSplits, config: TrainConfig) -> None:
     """Evaluate the objective once on the first rows (no gradient, the random-number
     stream left as it was), so that a model the objective cannot take (e.g. an
@@ -73,13 +108,16 @@ def check_objective_for_model(model, data: DataSplits, config: TrainConfig) -> N
 
 
 def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None,
-        resume: bool = False, callbacks: list | None = None) -> FitResult:
+        resume: bool = False, callbacks: list | None = None, checkpoint: dict | None = None) -> FitResult:
     """Train ``model`` on ``data.train`` with the Lightning Trainer.
 
     ``out_dir``: where the checkpoint (``checkpoint.ckpt``) and ``history.csv`` go;
     None trains without writing anything. ``resume``: continue from the checkpoint
-    in ``out_dir``. Raises NonFiniteError (before the update) on a NaN/inf loss or
-    gradient; the last checkpoint on disk stays the last good one.
+    in ``out_dir`` (``checkpoint``: that checkpoint as ``check_checkpoint`` returned it,
+    if the caller has checked it already; every part is checked before Lightning
+    restores it). Raises NonFiniteError (before the update) on a NaN/inf loss or
+    gradient; the last checkpoint on disk stays the last good one; KeyboardInterrupt on
+    Ctrl-C (Lightning's own handler would exit with status 1).
     """
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -94,9 +132,10 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if resume and (ckpt_path is None or not os.path.isfile(ckpt_path)):
         raise UsageError(f"{out_dir}: no checkpoint to resume from")
-    done_steps = 0
-    if resume:
-        done_steps = int(check_checkpoint(ckpt_path, model).get("global_step") or 0)
+    done_steps, done_epochs, preloaded = 0, 0, None
+    if resume:  # every part checked before Lightning restores it
+        ck = checkpoint if checkpoint is not None else check_checkpoint(ckpt_path, model, config)
+        done_steps, done_epochs, preloaded = ck["global_step"], ck["epoch"], {ckpt_path: for_lightning(ck)}
 
     # tables that can look up rows sparsely (nn.Embedding's ``sparse`` flag) do so while training:
     # their gradients then name the rows a step touched (see SVIModule.setup)
@@ -107,7 +146,8 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
     total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     # a resumed run already past the budget asked for now is finished (Lightning would refuse
     # a checkpoint whose epoch exceeds max_epochs): its epochs count as the budget
-    max_epochs = max(config.epochs, math.ceil(done_steps / steps_per_epoch)) if config.steps is None else -1
+    max_epochs = (max(config.epochs, math.ceil(done_steps / steps_per_epoch), done_epochs) if config.steps is None
+                  else -1)
     validate = len(data.val) > 0 and infers_new_rows(model, data.train)
     cbs = ([Progress(total, config.progress)] if config.progress is not False else []) + list(callbacks or [])
     if ckpt_path:
@@ -122,6 +162,8 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
     if validate and config.patience is not None:
         cbs.append(EarlyStopping(monitor="val_elbo", mode="max", patience=config.patience,
                                  check_on_train_epoch_end=False))
+    interrupt = interrupt_watch()
+    cbs.append(interrupt)
     if not validate:
         val_kwargs: dict[str, Any] = {"limit_val_batches": 0}
     elif config.val_every is not None:  # every val_every optimizer steps, across epoch boundaries
@@ -142,15 +184,19 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
             accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
             strategy=config.strategy, callbacks=cbs, logger=logger or False, enable_progress_bar=False,
             enable_model_summary=False, enable_checkpointing=bool(ckpt_path), num_sanity_val_steps=0,
-            use_distributed_sampler=False, plugins=[checkpoint_io()], default_root_dir=out_dir or os.getcwd(),
+            use_distributed_sampler=False, plugins=[checkpoint_io(preloaded)], default_root_dir=out_dir or os.getcwd(),
             deterministic=False, **val_kwargs,
         )
         t0 = time.perf_counter()
         for m, _ in sparse_flags:
             m.sparse = True
         try:
-            with flushed_denormals(FLUSH_DENORMALS):
+            with flushed_denormals(FLUSH_DENORMALS), interrupt.restoring_sigint():
                 trainer.fit(module, ckpt_path=ckpt_path if resume else None, weights_only=True)
+        except SystemExit:
+            if interrupt.seen:  # Lightning turns Ctrl-C into sys.exit(1): it is an interrupt again
+                raise KeyboardInterrupt from None
+            raise
         finally:
             for m, flag in sparse_flags:
                 m.sparse = flag

@@ -18,19 +18,22 @@ import argparse
 import dataclasses
 import functools
 import math
+import os
+import re
 import sys
 import types
 import typing
 from typing import Any, Callable
 
-from elbolab.inference.errors import NonFiniteError, UsageError
+from elbolab.inference.errors import Interrupted, NonFiniteError, UsageError
 from elbolab.inference.runs import DataSpec, LoadedRun, read_run, resolve_binarize
-from elbolab.inference.train_config import TrainConfig
+from elbolab.inference.train_config import MAX_SEED, MAX_THREADS, TrainConfig
 from elbolab.models.common import field_types
 from elbolab.models.datasources import BINARIZE, DATASETS
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program Ctrl-C stopped
 # what a program's user can do about a non-empty --out
 REFUSAL = "pass --overwrite to replace what it holds"
 REFUSAL_RUN = "pass --overwrite to replace its run or --resume to continue it"
@@ -43,17 +46,22 @@ THREADS_HELP = ("torch CPU threads (default: 1, every command's: the models here
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (and exit status 2), and the thread policy: a
+    """argparse with a one-line error (and exit status 2), the thread policy (a
     ``--threads`` flag (``dest`` "threads") left out is ``DEFAULT_THREADS``, and its help
-    says so (see the module docstring)."""
+    says so; see the module docstring), and the flags every program shares checked the
+    same way wherever they appear (:func:`check_shared_flags`)."""
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
     def parse_known_args(self, args=None, namespace=None):
         ns, rest = super().parse_known_args(args, namespace)
         if getattr(ns, "threads", DEFAULT_THREADS) is None:
             ns.threads = DEFAULT_THREADS
+        try:
+            check_shared_flags(ns)
+        except UsageError as e:
+            self.error(str(e))
         return ns, rest
 
     def format_help(self) -> str:
@@ -61,6 +69,25 @@ class ArgumentParser(argparse.ArgumentParser):
             if action.dest == "threads" and action.help is not argparse.SUPPRESS:
                 action.help = THREADS_HELP
         return super().format_help()
+
+
+def check_shared_flags(args: argparse.Namespace) -> None:
+    """The one check of the flags programs share, whichever program parsed them:
+    ``--seed`` an integer in [0, 2**62) (seeds are offset by ranks and splits and must
+    stay below torch's 2**64), ``--threads`` in 1..MAX_THREADS, ``--out`` not empty and
+    not an existing file. UsageError naming the flag."""
+    seed = getattr(args, "seed", None)
+    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < MAX_SEED):
+        raise UsageError(f"argument --seed: seed must be an integer in [0, 2**62), got {seed}")
+    threads = getattr(args, "threads", None)
+    if threads is not None and not (isinstance(threads, int) and 1 <= threads <= MAX_THREADS):
+        raise UsageError(f"argument --threads: threads must be in 1..{MAX_THREADS}, got {threads}")
+    out = getattr(args, "out", None)
+    if out is not None:
+        if not isinstance(out, str) or not out.strip():
+            raise UsageError("argument --out: an empty directory name")
+        if os.path.lexists(out) and not os.path.isdir(out):
+            raise UsageError(f"argument --out: {out} exists and is not a directory")
 
 
 def set_threads(threads: int | None) -> None:
@@ -92,13 +119,17 @@ def parser(prog: str, description: str, epilog: str = "") -> ArgumentParser:
     return ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
 
 
-def guarded(prog: str) -> Callable:
+def guarded(prog: str, resume_flag: str | None = None) -> Callable:
     """Run a program's main and return its exit status, never a traceback for these:
 
     * user errors (a flag, a file, a value; argparse's own) -> one line, exit 2;
     * a non-finite loss -> one line, exit 1 (the last good checkpoint is kept);
     * a system fault (``OSError``: a full disk, a vanished directory; out of
-      memory) -> one line naming the file, exit 1 (what was saved stays saved).
+      memory, torch's failed allocations included) -> one line naming the file, exit 1
+      (what was saved stays saved);
+    * Ctrl-C (SIGINT) -> one line, exit 130; an interrupted fit's line names its last
+      checkpoint and, with ``resume_flag`` (the program's flag that continues a run),
+      the command that continues it.
     """
 
     def deco(main: Callable[..., int | None]) -> Callable[..., int]:
@@ -109,25 +140,63 @@ def guarded(prog: str) -> Callable:
             except SystemExit as e:  # argparse: --help (0) or a usage error (2, its line already printed)
                 return 0 if e.code is None else e.code if isinstance(e.code, int) else EXIT_USAGE
             except UsageError as e:
-                print(f"{prog}: error: {e}", file=sys.stderr)
+                print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
                 return EXIT_USAGE
             except NonFiniteError as e:
-                print(f"{prog}: error: {e} (the last checkpoint is the last good state)", file=sys.stderr)
+                print(f"{prog}: error: {one_line(e)} (the last checkpoint is the last good state)", file=sys.stderr)
                 return EXIT_FAILURE
             except OSError as e:
                 where = f"{e.filename}: " if e.filename else ""
-                print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+                print(one_line(f"{prog}: error: {where}{e.strerror or e}"), file=sys.stderr)
                 return EXIT_FAILURE
             except MemoryError:
                 print(f"{prog}: error: out of memory", file=sys.stderr)
                 return EXIT_FAILURE
-            except KeyboardInterrupt:
-                print(f"{prog}: interrupted", file=sys.stderr)
-                return 130
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
+                print(f"{prog}: error: out of memory ({_allocation(e)})", file=sys.stderr)
+                return EXIT_FAILURE
+            except KeyboardInterrupt as e:
+                print(one_line(interrupted_line(prog, e, resume_flag)), file=sys.stderr)
+                return EXIT_INTERRUPTED
 
         return wrapper
 
     return deco
+
+
+def one_line(message) -> str:
+    """A message as one line: line breaks and other control characters (a file name or a
+    JSON key can hold them) written as escapes."""
+    text = str(message)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def interrupted_line(prog: str, e: KeyboardInterrupt, resume_flag: str | None = None) -> str:
+    """The one line of an interrupted program: what was kept and, for a fit with a run
+    directory, the command that continues it."""
+    line = f"{prog}: interrupted"
+    if isinstance(e, Interrupted):
+        line += f"; {e}"
+        if resume_flag and e.run_dir is not None:
+            line += f"; continue with: {prog} {resume_flag} {e.run_dir}"
+    return line
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether a RuntimeError is torch's failure to allocate (CPU or CUDA)."""
+    text = str(e)
+    return any(s in text for s in ("can't allocate memory", "not enough memory", "CUDA out of memory",
+                                   "Cannot allocate memory"))
+
+
+def _allocation(e: BaseException) -> str:
+    """What a failed allocation asked for, from torch's message."""
+    m = re.search(r"tried to allocate (\d+) bytes", str(e))
+    return f"an allocation of {int(m.group(1)):,} bytes failed" if m else "an allocation failed"
 
 
 # ----------------------------------------------------------------------------- values

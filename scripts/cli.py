@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean {close[0]}?)" if close else f"; choose one of {', '.join(COMMANDS)}"
         print(f"elbolab: error: unknown command {name!r}{hint}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"elbolab.scripts.{COMMANDS[name][0]}")
+    try:  # (the program's own main reports its interrupts; this covers the import before it)
+        module = importlib.import_module(f"elbolab.scripts.{COMMANDS[name][0]}")
+    except KeyboardInterrupt:
+        print(f"elbolab {name}: interrupted", file=sys.stderr)
+        return 130
     return int(module.main(argv[1:]) or 0)
 
 

@@ -188,7 +188,7 @@ def summary_line(spec: RunSpec, metrics: dict, out: str) -> str:
     return line + f"; {run['steps']} steps in {run['seconds']:.1f} s -> {out}/metrics.json"
 
 
-@_cli.guarded(PROG)
+@_cli.guarded(PROG, resume_flag="--resume")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tune_malloc()
