@@ -19,7 +19,7 @@ import sklearn.datasets  # noqa: F401
 import torch
 
 from elbolab.inference.checkpoints import atomic_torch_save, load_checkpoint
-from elbolab.scripts import fit as fit_script
+from elbolab.scripts import cli, evaluate as evaluate_script, fit as fit_script  # noqa: F401  (preloaded for the children)
 
 PAYLOAD = 1 << 18  # float32 values per checkpoint in the write loop (1 MiB)
 PAUSE_POINTS = ("mkstemp", "fsync", "replace", "renamed")
@@ -68,6 +68,39 @@ def run_fit(argv: list[str], log: str | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_cli(argv: list[str], log: str | None = None, address_space: int | None = None) -> None:
+    """``elbolab ARGV`` (the dispatcher, ``scripts.cli.main``); the exit status is the
+    process's. ``address_space``: bytes more than the process maps now that it may map
+    (``ulimit -v``), for runs that must live under a memory cap."""
+    _quiet(log)
+    torch.set_num_threads(1)
+    if address_space is not None:
+        import resource
+
+        with open("/proc/self/status") as f:
+            mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + address_space, resource.RLIM_INFINITY))
+    from elbolab.scripts import cli
+
+    code = cli.main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def open_path(path: str, conn) -> None:
+    """Open ``path`` as the data loader would and report what happened (a FIFO must not
+    block the open: the parent kills this child if it never reports)."""
+    _quiet(None)
+    from elbolab.models.resources import open_regular
+
+    try:
+        open_regular(path).close()
+        conn.send("opened")
+    except Exception as e:  # the refusal, reported to the parent
+        conn.send(f"{type(e).__name__}: {e}")
 
 
 def state(n: int) -> dict:

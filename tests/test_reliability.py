@@ -28,6 +28,7 @@ import re
 import pickle
 import random
 import shutil
+import signal
 import struct
 import tempfile
 import time
@@ -53,7 +54,8 @@ from elbolab.inference.objectives import build_objective
 from elbolab.inference.traces import log_weights, logmeanexp, model_log_weights
 from elbolab.inference.checkpoints import CHECKPOINT, load_checkpoint
 from elbolab.models.common import data_plate
-from elbolab.scripts import _cli
+from elbolab.scripts import _cli, cli
+from elbolab.scripts import evaluate as evaluate_script
 from elbolab.scripts import fit as fit_script
 
 # more particles than one tensor may hold with any data set: accepted data stops at the memory
@@ -397,19 +399,17 @@ def test_csv_fuzz_through_fit(case, capsys):
 
 def test_unreadable_data_file(tmp_path, capsys, monkeypatch):
     """chmod 000 (root reads anyway, so the open itself is made to fail as it would)."""
-    import builtins
-
     x = tmp_path / "x.csv"
     x.write_text("1,2\n3,4\n")
     x.chmod(0)
-    real_open = builtins.open
+    real_open = os.open
 
     def denying_open(file, *a, **kw):
         if os.fspath(file) == str(x):
             raise PermissionError(errno.EACCES, "Permission denied", str(x))
         return real_open(file, *a, **kw)
 
-    monkeypatch.setattr(builtins, "open", denying_open)
+    monkeypatch.setattr(os, "open", denying_open)
     line = refused(capsys, ["--data", str(x)], tmp_path / "out")
     assert line == f"elbolab fit: error: {x}: cannot read it ([Errno 13] Permission denied: '{x}')"
 
@@ -1026,3 +1026,718 @@ def test_logmeanexp_extremes_and_masked_minus_inf():
         lw = log_weights(model, guide, torch.tensor([1.0, 1.0]), 3)
     assert torch.equal(lw.log_lik[:, 1], torch.zeros(3))
     assert torch.allclose(lw.log_lik[:, 0], torch.full((3,), -math.log(2)))
+
+
+# ============================================================================ round two: Ctrl-C
+
+
+def _wait_for(path, p, seconds=120) -> None:
+    deadline = time.time() + seconds
+    while p.is_alive() and not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.02)
+
+
+def test_ctrl_c_during_a_fit_exits_130_naming_the_checkpoint(forks, tmp_path):
+    """A real SIGINT to ``elbolab fit`` after its first checkpoint: status 130 (not
+    Lightning's 1), one line naming the checkpoint and the command that continues the
+    run, the lock released; the resumed run ends where an uninterrupted one does."""
+    run, log = tmp_path / "run", str(tmp_path / "fit.log")
+    p = forks.Process(target=_faults.run_cli, args=(["fit", *TINY, "--epochs", "100000", "--checkpoint-every", "1",
+                                                     "--out", str(run)], log))
+    p.start()
+    try:
+        _wait_for(run / CHECKPOINT, p)
+        time.sleep(0.05)  # into the next epoch's steps
+        os.kill(p.pid, signal.SIGINT)
+        p.join(60)
+    finally:
+        if p.is_alive():  # a failed assertion must not leave a 100000-epoch run behind
+            p.kill()
+            p.join()
+    step = load_checkpoint(str(run / CHECKPOINT))["global_step"]
+    lines = open(log).read().splitlines()
+    assert p.exitcode == 130, lines
+    assert lines == [f"elbolab fit: interrupted; the last checkpoint is {run / CHECKPOINT} (step {step}); "
+                     f"continue with: elbolab fit --resume {run}"]
+    assert step % STEPS_PER_EPOCH == 0 and not (run / runs.LOCK).exists()
+    epochs = step // STEPS_PER_EPOCH + 1
+    assert fit_script.main(["--resume", str(run), "--epochs", str(epochs), "--n-samples", "10"]) == 0
+    straight = tmp_path / "straight"
+    assert fit_script.main([*TINY, "--epochs", str(epochs), "--checkpoint-every", "1", "--n-samples", "10",
+                            "--out", str(straight)]) == 0
+    assert_same_params(straight, run)
+
+
+def test_ctrl_c_during_an_evaluation_exits_130(forks, finished_run, tmp_path):
+    out, log = tmp_path / "eval", str(tmp_path / "eval.log")
+    p = forks.Process(target=_faults.run_cli, args=(["evaluate", str(finished_run), "--n-samples", "1000000",
+                                                     "--threads", "1", "--out", str(out)], log))
+    p.start()
+    time.sleep(2.0)  # loading the run takes well under a second; the estimate, minutes
+    os.kill(p.pid, signal.SIGINT)
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        p.join()
+    assert p.exitcode == 130 and open(log).read().splitlines() == ["elbolab evaluate: interrupted"]
+    assert not out.exists()
+
+
+class InterruptedPPCA(models.ppca.PPCA):
+    """PPCA whose ``stop_at``-th training call is interrupted (as Ctrl-C would be there)."""
+
+    stop_at = 0
+    calls = 0
+
+    def model(self, x):
+        if torch.is_grad_enabled():
+            type(self).calls += 1
+            if type(self).calls == self.stop_at:
+                raise KeyboardInterrupt
+        return super().model(x)
+
+
+def test_interrupt_before_the_first_checkpoint(tmp_path, capsys, monkeypatch):
+    """Lightning's handler turns the interrupt into sys.exit(1) and ignores SIGINT from
+    then on: the fit reports 130 and one line, and SIGINT's handler is put back."""
+    monkeypatch.setitem(models.REGISTRY, "interrupted", (models.ppca.PPCAConfig, InterruptedPPCA))
+    monkeypatch.setattr(InterruptedPPCA, "stop_at", 1 + 5)  # call 1 is the warm-up pass: step 5
+    monkeypatch.setattr(InterruptedPPCA, "calls", 0)
+    out = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGINT)
+    argv = [a if a != "ppca" else "interrupted" for a in TINY]
+    assert fit_script.main([*argv, "--epochs", "3", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"elbolab fit: interrupted; no checkpoint was written yet in {out}; continue with: elbolab fit --resume {out}"]
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert sorted(os.listdir(out)) == ["config.json"]
+
+
+# ============================================================================ round two: inherited rank variables
+
+
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID")
+
+
+@pytest.fixture
+def clean_launch_env(monkeypatch):
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("env", [
+    {"LOCAL_RANK": "1"},  # a shell inside a launched process
+    {"LOCAL_RANK": "1", "NODE_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+    {"TORCHELASTIC_RUN_ID": "x", "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "GROUP_RANK": "1"},  # torchrun
+])
+def test_inherited_rank_variables_keep_the_run_directory_rules(finished_run, tmp_path, capsys, clean_launch_env,
+                                                               env):
+    """One process is rank 0 whatever rank variables it inherits: an existing run is
+    refused without --overwrite (nothing replaced), a new one gets its config.json and
+    its lock (released at the end), exactly as without the variables."""
+    for k, v in env.items():
+        clean_launch_env.setenv(k, v)
+    run = copy_run(finished_run, tmp_path)
+    assert "the directory is not empty" in refused(capsys, [*TINY, "--epochs", "1"], run)
+    fresh = tmp_path / "fresh"
+    assert fit_script.main([*TINY, "--epochs", "1", "--n-samples", "10", "--out", str(fresh)]) == 0
+    assert {"config.json", "checkpoint.ckpt", "metrics.json", "history.csv"} <= set(os.listdir(fresh))
+    assert not (fresh / runs.LOCK).exists()
+    spec = json.loads((fresh / "config.json").read_text())
+    assert spec["train"]["epochs"] == 1 and json.loads((fresh / "metrics.json").read_text())["steps"] == 13
+
+
+@pytest.mark.parametrize("env, argv, message", [
+    ({"LOCAL_RANK": "1"}, ["--devices", "2", "--strategy", "ddp"], "LOCAL_RANK=1 in the environment but no WORLD_SIZE"),
+    ({"LOCAL_RANK": "1", "WORLD_SIZE": "4"}, ["--devices", "2", "--strategy", "ddp"],
+     "WORLD_SIZE=4 in the environment, but devices 2 x num_nodes 1 = 2 processes"),
+    ({"LOCAL_RANK": "3", "WORLD_SIZE": "2"}, ["--devices", "2", "--strategy", "ddp"], "LOCAL_RANK=3, NODE_RANK=0"),
+    ({}, ["--num-nodes", "2", "--strategy", "ddp"], "MASTER_ADDR, MASTER_PORT, NODE_RANK are not set"),
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, ["--num-nodes", "2", "--strategy", "ddp"],
+     "NODE_RANK is not set"),
+    ({}, ["--devices", "100000", "--strategy", "ddp"], "devices 100000: more CPU processes than this machine's"),
+])
+def test_rank_variables_that_do_not_describe_the_run_are_refused(tmp_path, capsys, clean_launch_env, env, argv,
+                                                                 message):
+    """A process told it is not rank 0 by variables that do not belong to this run, and a
+    multi-node run with no launcher (it would wait forever for the other node), are
+    refused up front: nothing created."""
+    for k, v in env.items():
+        clean_launch_env.setenv(k, v)
+    assert message in refused(capsys, [*TINY, "--epochs", "1", *argv], tmp_path / "out")
+
+
+# ============================================================================ round two: checkpoints, part by part
+
+
+def _ck_set(path, value):
+    """A tamper that sets the entry at ``path`` (keys and indices) to ``value``."""
+    def tamper(ck):
+        node = ck
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value(node[path[-1]]) if callable(value) else value
+        return ck
+    return tamper
+
+
+MC = "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1, " \
+     "'train_time_interval': None}"
+OPT = ("optimizer_states", 0)
+FIT_LOOP = ("loops", "fit_loop")
+CHECKPOINT_TAMPERS = [  # (what, tamper, the field the refusal names)
+    ("no param groups", _ck_set((*OPT, "param_groups"), []), "optimizer_states[0].param_groups: 0 parameter groups"),
+    ("history a list", _ck_set(("elbolab", "history"), [1, 2]), "elbolab.history: must be a tensor"),
+    ("history short", _ck_set(("elbolab", "history"), lambda h: h[1:]), "elbolab.history: must have shape (26, 4)"),
+    ("history steps", _ck_set(("elbolab", "history"), lambda h: h.flip(0)), "elbolab.history: its step column"),
+    ("torch rng size", _ck_set(("elbolab", "torch_rng"), torch.zeros(10, dtype=torch.uint8)),
+     "elbolab.torch_rng: must have shape (5056,)"),
+    ("torch rng bytes", _ck_set(("elbolab", "torch_rng"), torch.zeros(5056, dtype=torch.uint8)),
+     "elbolab.torch_rng: not a torch generator state"),
+    ("torch rng ranks", _ck_set(("elbolab", "torch_rng_ranks"), torch.zeros(1, 7, dtype=torch.uint8)),
+     "elbolab.torch_rng_ranks: must have shape (ranks, 5056)"),
+    ("python rng", _ck_set(("elbolab", "python_rng"), (3, tuple(range(624)), None)), "elbolab.python_rng"),
+    ("python rng index", _ck_set(("elbolab", "python_rng"), lambda s: (3, s[1][:-1] + (10**6,), None)),
+     "elbolab.python_rng: not a state of Python's random"),
+    ("validations", _ck_set(("elbolab", "validations"), torch.zeros(2, 2, dtype=torch.float64)),
+     "elbolab.validations: must have shape (validations, 3)"),
+    ("seconds nan", _ck_set(("elbolab", "seconds"), float("nan")), "elbolab.seconds"),
+    ("seconds text", _ck_set(("elbolab", "seconds"), "1"), "elbolab.seconds: must be a number"),
+    ("global step huge", _ck_set(("global_step",), 10**20), "global_step: must be in [0, 9007199254740992]"),
+    ("global step bool", _ck_set(("global_step",), True), "global_step: must be an integer"),
+    ("epoch", _ck_set(("epoch",), 10**6), "epoch: must be in [0, 26]"),
+    ("loop steps", _ck_set((*FIT_LOOP, "epoch_loop.manual_optimization.optim_step_progress", "total", "completed"),
+                           25), "optim_step_progress.total.completed: 25, but the checkpoint's global_step is 26"),
+    ("loop extra", _ck_set((*FIT_LOOP, "state_dict"), {"x": 1}), "loops: not the loop state this Lightning writes"),
+    ("loop order", _ck_set((*FIT_LOOP, "epoch_progress", "total", "started"), 1), "loops.fit_loop.epoch_progress.total"),
+    ("adam shape", _ck_set((*OPT, "state", 0, "exp_avg"), torch.zeros(3)), "optimizer_states[0].state[0].exp_avg"),
+    ("adam step", _ck_set((*OPT, "state", 0, "step"), torch.tensor(-1.0)), "optimizer_states[0].state[0].step"),
+    ("adam moment", _ck_set((*OPT, "state", 1, "exp_avg_sq"), lambda t: -t - 1), "exp_avg_sq: holds negative values"),
+    ("lr", _ck_set((*OPT, "param_groups", 0, "lr"), 0.5), "param_groups[0].lr: 0.5 is not the run's lr 0.02"),
+    ("betas", _ck_set((*OPT, "param_groups", 0, "betas"), (2.0, 0.999)), "param_groups[0].betas: must be (0.9, 0.999)"),
+    ("params", _ck_set((*OPT, "param_groups", 0, "params"), [0, 1]), "param_groups[0].params"),
+    ("nan weight", _ck_set(("state_dict", "model.W_unconstrained"), lambda t: t * float("nan")),
+     "state_dict[model.W_unconstrained]: holds non-finite values"),
+    ("weight dtype", _ck_set(("state_dict", "model.W_unconstrained"), lambda t: t.double()),
+     "state_dict[model.W_unconstrained]: must be a torch.float32 tensor"),
+    ("best path", None, "best_model_path: must name a checkpoint.ckpt"),  # the run's own config.json (below)
+    ("version", _ck_set(("pytorch-lightning_version",), "banana"), "pytorch-lightning_version: not a version"),
+    ("schedulers", _ck_set(("lr_schedulers",), [{}]), "lr_schedulers: 1 schedulers, expected 0"),
+    ("unknown entry", _ck_set(("hyper_parameters",), {"lr": 1}), "unknown entries 'hyper_parameters'"),
+    ("unknown callback", _ck_set(("callbacks", "Timer"), {}), "the state of an unknown callback 'Timer'"),
+]
+
+
+def _tamper_checkpoint(run, tamper):
+    ck = run / CHECKPOINT
+    torch.save(tamper(load_checkpoint(str(ck))), ck)
+    return ck
+
+
+@pytest.mark.parametrize("what, tamper, field", CHECKPOINT_TAMPERS, ids=[c[0] for c in CHECKPOINT_TAMPERS])
+def test_every_part_of_a_checkpoint_is_checked_before_resuming(finished_run, tmp_path, capsys, what, tamper, field):
+    """Each part of an edited checkpoint (types, shapes, ranges, agreement of the
+    counters) is refused by --resume with one line naming the file and the field,
+    before anything is trained or written."""
+    run = copy_run(finished_run, tmp_path)
+    if what == "best path":  # Lightning would delete the "previous best" file: here, the run's config.json
+        tamper = _ck_set(("callbacks", MC, "best_model_path"), str(run / "config.json"))
+    ck = _tamper_checkpoint(run, tamper)
+    line = refused(capsys, ["--resume", str(run), "--epochs", "3"], watch=run)
+    assert line.startswith(f"elbolab fit: error: {ck}: ") and field in line, line
+
+
+@pytest.mark.parametrize("what", ["no param groups", "history a list", "torch rng size"])
+@pytest.mark.parametrize("program", ["evaluate", "diagnose"])
+def test_evaluate_and_diagnose_check_the_checkpoint_too(finished_run, tmp_path, capsys, what, program):
+    _, tamper, field = next(c for c in CHECKPOINT_TAMPERS if c[0] == what)
+    run = copy_run(finished_run, tmp_path)
+    ck = _tamper_checkpoint(run, tamper)
+    line = run_program(capsys, program, [str(run), "--n-samples", "30", "--max-rows", "3"], watch=run)
+    assert line.startswith(f"elbolab {program}: error: {ck}: ") and field in line, line
+
+
+def run_program(capsys, program, argv, watch, code=2) -> str:
+    """``elbolab PROGRAM ARGV``: exit ``code``, one line on stderr, ``watch`` unchanged."""
+    before = snapshot(watch)
+    got = cli.main([program, *argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert got == code and len(lines) == 1 and lines[0].startswith(f"elbolab {program}: error: "), err
+    assert snapshot(watch) == before
+    return lines[0]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["model_config"].update(latent_dim=2.0), "model_config: latent_dim must be an integer, got 2.0"),
+    (lambda d: d["eval"].update(n_samples=0), "eval: n_samples must be >= 1, got 0"),
+    (lambda d: d.update(model=["ppca"]), "model must be a string"),
+    (lambda d: d["data"].update(val_fraction="x"), "data: val_fraction must be a number"),
+    (lambda d: d["train"].update(seed=2**64), "seed must be an integer in [0, 2**62)"),
+    (lambda d: d["data"].update(data_path="/dev/zero"), "/dev/zero: is a character device, not a regular file"),
+])
+@pytest.mark.parametrize("program", ["fit", "evaluate", "diagnose"])
+def test_an_edited_config_json_is_refused_by_every_program(finished_run, tmp_path, capsys, edit, message, program):
+    run = copy_run(finished_run, tmp_path)
+    spec = json.loads((run / "config.json").read_text())
+    edit(spec)
+    (run / "config.json").write_text(json.dumps(spec))
+    argv = ["--resume", str(run)] if program == "fit" else [str(run), "--n-samples", "30", "--max-rows", "3"]
+    line = run_program(capsys, program, argv, watch=run)
+    assert message in line, line
+
+
+# ---------------------------------------------------------------- fuzz: run specs and checkpoints
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([0, 1, 2, -1, 0.5, 1.0, 2.0, 1e300, "", "ppca", "vae", "digits", "mnist", "none", "dynamic",
+                       "elbo", "iwae", "ddp", "auto", "cpu", "gpu", "/dev/zero", "x.py:NAME"])
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+
+
+def _paths(obj, prefix=()):
+    """Every (path, value) of a nested dict / list (a tuple is one value)."""
+    out = [(prefix, obj)]
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _paths(v, prefix + (i,))
+    return out
+
+
+@st.composite
+def spec_edits(draw):
+    """Up to three edits of a run's config.json: a value replaced (by any JSON value),
+    an entry deleted, or an entry added."""
+    return [(draw(st.sampled_from(["replace", "replace", "delete", "add"])), draw(st.integers(0, 10**6)),
+             draw(JSON_VALUES), draw(st.text(max_size=6))) for _ in range(draw(st.integers(1, 3)))]
+
+
+def _edit_json(spec, edits):
+    for how, pick, value, key in edits:
+        paths = [p for p, _ in _paths(spec) if p]
+        if not paths:
+            return spec
+        path = paths[pick % len(paths)]
+        parent = spec
+        for k in path[:-1]:
+            parent = parent[k]
+        if how == "replace":
+            parent[path[-1]] = value
+        elif how == "delete":
+            del parent[path[-1]]
+        elif isinstance(parent, dict):
+            parent[key] = value
+    return spec
+
+
+@settings(max_examples=30, **FUZZ)
+@given(edits=spec_edits())
+def test_config_json_fuzz_no_traceback(finished_run, edits, capsys):
+    """Edited config.json files through evaluate: refused with one line naming the file,
+    or evaluated; never a traceback, and the run directory never changed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = copy_run(finished_run, __import__("pathlib").Path(tmp))
+        spec = _edit_json(json.loads((run / "config.json").read_text()), edits)
+        (run / "config.json").write_text(json.dumps(spec))
+        before = snapshot(run)
+        got = evaluate_script.main([str(run), "--n-samples", "5", "--max-rows", "3", "--threads", "1",
+                                    "--out", os.path.join(tmp, "eval")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert snapshot(run) == before
+        assert got in (0, 2), err
+        if got == 2:
+            assert len(err) == 1 and err[0].startswith("elbolab evaluate: error: "), err
+
+
+def _leaf_edits(draw, ck):
+    """One edit of a checkpoint's tree: a tensor of another shape, dtype or with NaN; a
+    number changed, negated, huge or of another type; an entry deleted or added."""
+    top = draw(st.sampled_from(sorted(ck)))  # each part as likely as any other, whatever its size
+    paths = [p for p, _ in _paths(ck) if p and p[0] == top]
+    path = paths[draw(st.integers(0, len(paths) - 1))]
+    parent = ck
+    for k in path[:-1]:
+        parent = parent[k]
+    old = parent[path[-1]]
+    how = draw(st.sampled_from(["value", "value", "delete", "type"]))
+    if how == "delete" and isinstance(parent, dict):
+        del parent[path[-1]]
+        return ck
+    if isinstance(old, torch.Tensor):
+        new = draw(st.sampled_from([
+            old.flatten()[:-1] if old.numel() else torch.zeros(1), old.double() if old.dtype != torch.float64
+            else old.float(), old.float() * float("nan") if old.numel() else torch.zeros(1),
+            -old.float() - 1, old.float() * 1e30, torch.zeros(())]))
+    elif isinstance(old, bool):
+        new = not old
+    elif isinstance(old, (int, float)):
+        new = draw(st.sampled_from([-1, 0, old + 1, -old, 10**18, float("nan"), float("inf"), 0.5, "1", None,
+                                    old * 2]))
+    elif isinstance(old, str):
+        new = draw(st.sampled_from(["", "x", "/etc/passwd", old + "x", "checkpoint.ckpt", None]))
+    elif isinstance(old, tuple):
+        new = old[:-1] if old else (1,)
+    elif isinstance(old, list):
+        new = old[:-1] + old[-1:] * 2 if old else [0]
+    elif isinstance(old, dict):
+        new = {**old, draw(st.text(max_size=4)): 0}
+    else:
+        new = 0
+    parent[path[-1]] = new
+    return ck
+
+
+@settings(max_examples=25, **FUZZ)
+@given(data=st.data())
+def test_checkpoint_fuzz_no_traceback(finished_run, data, capsys):
+    """Edited checkpoints through fit --resume: refused with one line naming the
+    checkpoint (the run directory unchanged) or resumed to the end (or, for finite
+    parameters too large to train from, stopped at the non-finite loss with its one
+    line); never a traceback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = copy_run(finished_run, __import__("pathlib").Path(tmp))
+        ck = load_checkpoint(str(run / CHECKPOINT))
+        for _ in range(data.draw(st.integers(1, 2))):
+            ck = _leaf_edits(data.draw, ck)
+        torch.save(ck, run / CHECKPOINT)
+        before = snapshot(run)
+        got = fit_script.main(["--resume", str(run), "--epochs", "3", "--n-samples", "5"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert got in (0, 1, 2), err
+        if got == 2:
+            assert len(err) == 1 and err[0].startswith(f"elbolab fit: error: {run / CHECKPOINT}"), err
+            assert snapshot(run) == before
+        elif got == 1:  # legal parameters the model cannot train from (W at 1e30): the run-time fault's line
+            assert len(err) == 1 and re.match(r"elbolab fit: error: step \d+: the (loss is|gradient of)", err[0]), err
+
+
+# ============================================================================ round two: resource limits
+
+
+def test_wide_ppca_log_likelihood_never_forms_the_d_by_d_matrix(forks, tmp_path):
+    """20 rows of 20000 dimensions under an address-space cap of 1.5 GiB above what the
+    process maps: a D x D float64 matrix (3.2 GB) cannot be made, yet the run writes
+    its metrics with the exact log-likelihoods (Woodbury identity and determinant
+    lemma; the closed-form maximum from the rows' SVD)."""
+    x = np.random.default_rng(0).normal(size=(20, 20000)).astype(np.float32)
+    np.save(tmp_path / "wide.npy", x)
+    out, log = tmp_path / "run", str(tmp_path / "log")
+    p = forks.Process(target=_faults.run_cli, args=(["fit", "--model", "ppca", "--data", str(tmp_path / "wide.npy"),
+                                                     "--latent-dim", "2", "--epochs", "1", "--threads", "1",
+                                                     "--no-progress", "--n-samples", "10", "--out", str(out)],
+                                                    log, 1536 << 20))
+    p.start()
+    p.join(300)
+    assert p.exitcode == 0, open(log).read()[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("train_log_likelihood", "test_log_likelihood", "mle_log_likelihood"):
+        assert math.isfinite(m[key]), key
+    assert m["mle_log_likelihood"] > m["train_log_likelihood"]  # the maximum on the training rows (1 step taken)
+
+
+def _dense_log_marginal(x, W, loc, noise_scale):
+    C = W @ W.T + noise_scale**2 * torch.eye(W.shape[0], dtype=W.dtype)
+    return torch.distributions.MultivariateNormal(loc, covariance_matrix=C).log_prob(x)
+
+
+@pytest.mark.parametrize("n, d, k, noise", [(5, 7, 3, 0.7), (40, 12, 12, 1.3), (9, 30, 4, 1e-2), (3, 50, 1, 5.0)])
+def test_woodbury_log_marginal_equals_the_dense_one(n, d, k, noise):
+    """log N(x; loc, W W^T + s^2 I) without the d x d matrix equals the dense
+    evaluation. Tolerance 1e-9 relative: float64 round-off of sums of d ~ 50 terms of
+    size up to |x|^2 / s^2 ~ 1e4 (2e-16 relative each), with margin."""
+    g = torch.Generator().manual_seed(n * d)
+    F64 = torch.float64
+    W, loc = torch.randn(d, k, generator=g, dtype=F64) * 2, torch.randn(d, generator=g, dtype=F64)
+    x = torch.randn(n, d, generator=g, dtype=F64) * 3
+    s = torch.tensor(noise, dtype=F64)
+    ours, dense = models.ppca.log_marginal(x, W, loc, s), _dense_log_marginal(x, W, loc, s)
+    torch.testing.assert_close(ours, dense, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("n, d, k", [(8, 12, 3), (6, 40, 2), (5, 9, 7)])  # k may exceed the rank (n - 1)
+def test_mle_of_wide_data_from_the_svd_equals_the_eigendecomposition(n, d, k):
+    """d > n: the closed-form maximum from the rows' SVD is the one from the d x d
+    covariance's eigendecomposition (the same W W^T, mean, noise; the same likelihood).
+    Tolerance 1e-9: float64 eigen- and singular-value round-off at condition ~1e3."""
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    W, loc, s = models.ppca.mle(x, k)
+    mean, cov = models.ppca.sample_covariance(x)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    noise = evals[k:].mean().clamp_min(1e-12)
+    W_eig = evecs[:, :k] * (evals[:k] - noise).clamp_min(0.0).sqrt()
+    torch.testing.assert_close(W @ W.T, W_eig @ W_eig.T, rtol=0, atol=1e-9)
+    torch.testing.assert_close(loc, mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(s**2, noise, rtol=1e-9, atol=1e-12)
+
+
+def test_a_model_too_large_for_memory_is_refused_before_it_is_built(forks, tmp_path):
+    """--latent-dim 1000000 on a VAE (0.9 billion parameters) under a 3 GiB address-space
+    cap: refused from its shapes with one line, before any tensor is allocated (it was a
+    torch allocation traceback)."""
+    out, log = tmp_path / "run", str(tmp_path / "log")
+    p = forks.Process(target=_faults.run_cli, args=(["fit", "--model", "vae", "--latent-dim", "1000000", "--epochs",
+                                                     "1", "--threads", "1", "--out", str(out)], log, 3 << 30))
+    p.start()
+    p.join(120)
+    lines = open(log).read().splitlines()
+    assert p.exitcode == 2 and len(lines) == 1, lines
+    assert re.match(r"elbolab fit: error: vae with 902,219,664 parameters .* needs about [\d.]+ GiB of memory, "
+                    r"more than the [\d.]+ [GM]iB available", lines[0]), lines
+    assert not out.exists()
+
+
+def test_memory_estimate_counts_parameters_and_steps(tmp_path):
+    """The estimate of a PPCA fit: 4 copies of its 327 parameters (4 bytes each) and 8
+    tensors of particles x batch x the widest layer (the 64 pixels)."""
+    data = loaders.load_dataset("digits")
+    spec = runs.RunSpec("ppca", {"latent_dim": 2}, runs.TrainConfig(n_particles=3, batch_size=50))
+    need, n_params, width = runs.fit_memory(spec, data)
+    assert (n_params, width) == (327, 64)
+    assert need == 4 * 327 * 4 + 8 * 3 * 50 * 64 * 4
+
+
+# ============================================================================ round two: only regular files
+
+
+def _fifo(path):
+    os.mkfifo(path)
+    return str(path)
+
+
+SPECIAL_FILES = {  # what -> (make it in a directory, the words of the refusal)
+    "fifo csv": (lambda d: _fifo(d / "x.csv"), "is a FIFO (named pipe), not a regular file"),
+    "fifo npy": (lambda d: _fifo(d / "x.npy"), "is a FIFO (named pipe), not a regular file"),
+    "dev zero npy": (lambda d: os.symlink("/dev/zero", d / "x.npy") or str(d / "x.npy"), "is a character device"),
+    "dev urandom csv": (lambda d: os.symlink("/dev/urandom", d / "x.csv") or str(d / "x.csv"), "is a character device"),
+    "dev zero": (lambda d: "/dev/zero", "is a character device"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(SPECIAL_FILES))
+def test_data_that_is_not_a_regular_file_is_refused_without_reading(forks, tmp_path, what):
+    """A FIFO would block open() forever, a device never ends: refused by name before a
+    byte is read (in a child, so that a hang fails the test instead of stalling it)."""
+    make, words = SPECIAL_FILES[what]
+    path = make(tmp_path)
+    out, log = tmp_path / "out", str(tmp_path / "log")
+    p = forks.Process(target=_faults.run_cli, args=(["fit", "--data", path, "--out", str(out)], log))
+    p.start()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        pytest.fail(f"--data {what} hung")
+    lines = open(log).read().splitlines()
+    assert p.exitcode == 2 and lines == [f"elbolab fit: error: {path}: {words}" + lines[0].split(words, 1)[1]], lines
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", CHECKPOINT, "idx"])
+def test_run_files_and_idx_files_that_are_fifos_do_not_hang(forks, finished_run, tmp_path, name):
+    run = copy_run(finished_run, tmp_path)
+    if name == "idx":
+        ddir = tmp_path / "idx"
+        ddir.mkdir()
+        for stem in IDX:
+            _fifo(ddir / stem)
+        argv, target = ["fit", "--dataset", "mnist", "--data-dir", str(ddir), "--out", str(tmp_path / "o")], \
+            ddir / IDX[0]
+    else:
+        (run / name).unlink()
+        _fifo(run / name)
+        argv, target = ["evaluate", str(run), "--n-samples", "10", "--out", str(tmp_path / "o")], run / name
+    log = str(tmp_path / "log")
+    p = forks.Process(target=_faults.run_cli, args=(argv, log))
+    p.start()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        pytest.fail(f"a FIFO {name} hung")
+    lines = open(log).read().splitlines()
+    assert p.exitcode == 2 and len(lines) == 1 and f"{target}: is a FIFO" in lines[0], lines
+
+
+def test_data_files_have_a_size_limit(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(loaders, "MAX_CSV_BYTES", 16)
+    x = tmp_path / "x.csv"
+    x.write_text("1,2\n3,4\n5,6\n7,8\n9,10\n")
+    line = refused(capsys, ["--data", str(x)], tmp_path / "out")
+    assert line == f"elbolab fit: error: {x}: 21 bytes, more than the 16 bytes a CSV file may hold here"
+
+
+# ============================================================================ round two: shared flags
+
+
+def _argv_for(module, flag_argv, tmp_path):
+    """flag_argv plus placeholders for the program's required arguments."""
+    p = module.build_parser()
+    extra = []
+    for a in p._actions:
+        if not a.option_strings and a.dest != "help":
+            extra.append(str(tmp_path / "nope"))
+        elif a.required:
+            extra += [a.option_strings[0], str(tmp_path / "o")]
+    return extra + flag_argv
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+@pytest.mark.parametrize("flag, value, message", [
+    ("--seed", "-1", "argument --seed: seed must be an integer in [0, 2**62), got -1"),
+    ("--seed", str(2**64), "argument --seed: seed must be an integer in [0, 2**62), got 18446744073709551616"),
+    ("--threads", "5000", "argument --threads: threads must be in 1..1024, got 5000"),
+    ("--out", "FILE", "argument --out: FILE exists and is not a directory"),
+])
+def test_every_program_checks_the_shared_flags_alike(tmp_path, capsys, command, flag, value, message):
+    import importlib
+
+    module = importlib.import_module(f"elbolab.scripts.{cli.COMMANDS[command][0]}")
+    if not any(flag in a.option_strings for a in module.build_parser()._actions):
+        pytest.skip(f"elbolab {command} has no {flag}")
+    if value == "FILE":
+        value = str(tmp_path / "a-file")
+        (tmp_path / "a-file").write_text("x")
+        message = message.replace("FILE", value)
+    argv = _argv_for(module, [flag, value], tmp_path)
+    before = snapshot(tmp_path)
+    assert cli.main([command, *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"elbolab {command}: error: {message} (see --help)"]
+    assert snapshot(tmp_path) == before
+
+
+def test_diagnose_and_evaluate_refuse_bad_seeds_of_a_real_run(finished_run, capsys):
+    """The outside tester's two cases: a ValueError traceback and a seed recorded as -1."""
+    line = run_program(capsys, "diagnose", [str(finished_run), "--seed", str(2**64)], watch=finished_run)
+    assert "seed must be an integer in [0, 2**62)" in line
+    line = run_program(capsys, "evaluate", [str(finished_run), "--seed", "-1"], watch=finished_run)
+    assert "seed must be an integer in [0, 2**62), got -1" in line
+
+
+# ============================================================================ round two: the seed and the data order
+
+
+class BatchSpy(__import__("lightning.pytorch", fromlist=["Callback"]).Callback):
+    """Records each training batch's row indices and values as the model receives them."""
+
+    def __init__(self):
+        self.rows, self.values = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.rows.append(batch[1].clone())
+        self.values.append(batch[0].clone())
+
+
+def _seeded_fit(seed, outer_seed, binarize="dynamic"):
+    """A 2-epoch fit of a Bernoulli VAE on the digits (grey levels, binarized per batch)
+    with TrainConfig.seed = ``seed``, the process's RNG seeded ``outer_seed`` before."""
+    from elbolab.inference.train import fit
+    from elbolab.inference.train_config import TrainConfig
+
+    torch.manual_seed(outer_seed)
+    random.seed(outer_seed)
+    data = loaders.load_dataset("digits", binarize=binarize)
+    data = dataclasses_replace(data, train=data.train[:300])
+    torch.manual_seed(seed)  # as fit_run seeds the initialization
+    model = models.build_model("vae", {"latent_dim": 2, "hidden": [16]}, data.data_dim, data.n_train)
+    spy = BatchSpy()
+    config = TrainConfig(seed=seed, epochs=2, batch_size=100, lr=0.01, threads=1, progress=False)
+    fit(model, data, config, callbacks=[spy])
+    return spy, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def test_batch_order_binarization_and_parameters_depend_on_the_seed_only():
+    """Same seed, whatever else the process drew before: the very same batches (rows and
+    their binarized values) and bitwise the same parameters. Another seed: another
+    batch order, other binarization draws, other parameters."""
+    a, pa = _seeded_fit(seed=3, outer_seed=0)
+    b, pb = _seeded_fit(seed=3, outer_seed=99)
+    c, pc = _seeded_fit(seed=4, outer_seed=0)
+    assert len(a.rows) == len(c.rows) == 6  # 2 epochs of 3 batches
+    assert all(torch.equal(u, v) for u, v in zip(a.rows, b.rows))
+    assert all(torch.equal(u, v) for u, v in zip(a.values, b.values))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    # another seed: every batch holds other rows, and the same row is binarized otherwise
+    assert all(not torch.equal(u, v) for u, v in zip(a.rows, c.rows))
+    row = int(a.rows[0][0])
+    where_c = [(i, int((r == row).nonzero()[0])) for i, r in enumerate(c.rows[:3]) if (r == row).any()][0]
+    x_a, x_c = a.values[0][0], c.values[where_c[0]][where_c[1]]
+    assert not torch.equal(x_a, x_c)  # 64 Bernoulli draws of grey levels: equal by chance with prob. < 1e-6
+    assert all(not torch.equal(pa[k], pc[k]) for k in pa)
+    # and within one run, each epoch its own order
+    assert not torch.equal(torch.cat(a.rows[:3]), torch.cat(a.rows[3:]))
+
+
+# ============================================================================ round two: one run per directory
+
+
+def test_resume_with_a_smaller_budget_keeps_the_records_consistent(finished_run, tmp_path):
+    """--resume --epochs 1 on a 2-epoch run trains nothing: config.json keeps its
+    2 epochs (the budget actually run), and metrics.json agrees with it."""
+    run = copy_run(finished_run, tmp_path)
+    before = (run / "config.json").read_bytes()
+    assert fit_script.main(["--resume", str(run), "--epochs", "1"]) == 0
+    assert (run / "config.json").read_bytes() == before
+    m, spec = json.loads((run / "metrics.json").read_text()), json.loads(before)
+    assert (m["steps"], m["epochs"], m["config"]["train"]["epochs"]) == (26, 2, 2)
+    assert m["config"] == {k: v for k, v in spec.items() if k != "data_info"}
+    assert fit_script.main(["--resume", str(run), "--epochs", "3", "--n-samples", "10"]) == 0  # a larger one: run
+    m, spec = (json.loads((run / f).read_text()) for f in ("metrics.json", "config.json"))
+    assert (m["steps"], m["epochs"], spec["train"]["epochs"]) == (39, 3, 3)
+
+
+def test_overwrite_removes_the_old_runs_files_first(finished_run, tmp_path):
+    """An old run's pictures and evaluations do not survive --overwrite with another
+    model: the directory holds exactly what the new run writes."""
+    run = copy_run(finished_run, tmp_path)
+    for leftover in ("prior_samples.png", "reconstructions.png", "evaluation.json", ".tmp-x.ckpt"):
+        (run / leftover).write_bytes(b"the old run's")
+    fresh = tmp_path / "fresh"
+    argv = ["--model", "ppca", "--guide", "amortized-diag", "--epochs", "1", "--n-samples", "10", "--threads", "1",
+            "--no-progress"]
+    assert fit_script.main([*argv, "--out", str(fresh)]) == 0
+    assert fit_script.main([*argv, "--out", str(run), "--overwrite"]) == 0
+    assert sorted(os.listdir(run)) == sorted(os.listdir(fresh))
+    assert json.loads((run / "config.json").read_text())["model_config"]["guide"] == "amortized-diag"
+
+
+def test_overwrite_never_removes_the_runs_own_data(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "x.csv").write_text("1,2\n3,4\n5,6\n7,8\n9,10\n11,12\n13,14\n15,16\n17,18\n19,20\n")
+    line = refused(capsys, ["--data", str(run / "x.csv"), "--latent-dim", "1", "--epochs", "1", "--overwrite"], run)
+    assert line == (f"elbolab fit: error: {run}: holds x.csv, which this run reads; overwriting would remove it: "
+                    "move it, or choose another directory")
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt/", "thesis.docx", "link.png@"])
+def test_overwrite_refuses_a_directory_holding_more_than_a_run(finished_run, tmp_path, capsys, foreign):
+    """--overwrite removes a run's files only: a subdirectory, a file of another kind or a
+    symbolic link is refused (one line, nothing touched)."""
+    run = copy_run(finished_run, tmp_path)
+    name = foreign.rstrip("/@")
+    if foreign.endswith("/"):
+        (run / name).mkdir()
+    elif foreign.endswith("@"):
+        os.symlink(tmp_path, run / name)
+    else:
+        (run / name).write_text("mine")
+    line = refused(capsys, [*TINY, "--epochs", "1", "--overwrite"], run)
+    assert line == (f"elbolab fit: error: {run}: holds {name}, which no elbolab run writes; overwriting replaces a "
+                    "run's files only: remove it, or choose another directory")
