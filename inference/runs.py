@@ -620,12 +620,13 @@ TRAINING_COPIES = 4  # each parameter, its gradient and Adam's two moments
 
 
 def fit_memory(spec: RunSpec, data: DataSplits) -> tuple[int, int, int] | None:
-    """(bytes, parameters, widest layer) a fit of a built-in model needs, estimated from
-    the shapes alone before anything is allocated: the model is built on PyTorch's
-    "meta" device (shapes, no storage), its parameters and buffers are counted
-    ``TRAINING_COPIES`` times, and a step's activations as ``ACTIVATION_COPIES`` float32
-    tensors of n_particles x batch rows x the widest layer (the largest dimension of a
-    parameter that is not a count of training rows, at least the data dimension).
+    """(bytes, parameter and buffer values, widest layer) a fit of a built-in model
+    needs, estimated from the shapes alone before anything is allocated: the model is
+    built on PyTorch's "meta" device (shapes, no storage), its parameters and buffers
+    are counted ``TRAINING_COPIES`` times, and a step's activations as
+    ``ACTIVATION_COPIES`` float32 tensors of n_particles x batch rows x the widest layer
+    (the largest dimension of a parameter that is not a count of training rows, at
+    least the data dimension).
     None for a user's model (its code is not run twice)."""
     if not spec.builtin:
         return None
@@ -649,9 +650,9 @@ def check_memory_for_fit(spec: RunSpec, data: DataSplits) -> None:
     """Refuse a fit whose estimated memory (:func:`fit_memory`) is more than is available."""
     need = fit_memory(spec, data)
     if need is not None:
-        check_memory(need[0], f"{spec.model} with {need[1]:,} parameters (x{TRAINING_COPIES} while training) and "
-                              f"steps of {spec.train.n_particles} x {min(spec.train.batch_size, data.n_train)} x "
-                              f"{need[2]} values")
+        batch = min(spec.train.batch_size, data.n_train)
+        check_memory(need[0], f"{spec.model} with {need[1]:,} parameter and buffer values (x{TRAINING_COPIES} "
+                              f"while training) and steps of {spec.train.n_particles} x {batch} x {need[2]} values")
 
 
 def budget_run(spec: RunSpec, checkpoint: dict) -> RunSpec:

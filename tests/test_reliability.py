@@ -57,6 +57,7 @@ from elbolab.models.common import data_plate
 from elbolab.scripts import _cli, cli
 from elbolab.scripts import evaluate as evaluate_script
 from elbolab.scripts import fit as fit_script
+from conftest import read_metrics
 
 # more particles than one tensor may hold with any data set: accepted data stops at the memory
 # check, whose refusal names the rows loaded (a batch as large as the training set)
@@ -1146,7 +1147,7 @@ def test_inherited_rank_variables_keep_the_run_directory_rules(finished_run, tmp
     assert {"config.json", "checkpoint.ckpt", "metrics.json", "history.csv"} <= set(os.listdir(fresh))
     assert not (fresh / runs.LOCK).exists()
     spec = json.loads((fresh / "config.json").read_text())
-    assert spec["train"]["epochs"] == 1 and json.loads((fresh / "metrics.json").read_text())["steps"] == 13
+    assert spec["train"]["epochs"] == 1 and read_metrics(fresh)["run"]["steps"] == 13
 
 
 @pytest.mark.parametrize("env, argv, message", [
@@ -1218,10 +1219,10 @@ CHECKPOINT_TAMPERS = [  # (what, tamper, the field the refusal names)
     ("lr", _ck_set((*OPT, "param_groups", 0, "lr"), 0.5), "param_groups[0].lr: 0.5 is not the run's lr 0.02"),
     ("betas", _ck_set((*OPT, "param_groups", 0, "betas"), (2.0, 0.999)), "param_groups[0].betas: must be (0.9, 0.999)"),
     ("params", _ck_set((*OPT, "param_groups", 0, "params"), [0, 1]), "param_groups[0].params"),
-    ("nan weight", _ck_set(("state_dict", "model.W_unconstrained"), lambda t: t * float("nan")),
-     "state_dict[model.W_unconstrained]: holds non-finite values"),
-    ("weight dtype", _ck_set(("state_dict", "model.W_unconstrained"), lambda t: t.double()),
-     "state_dict[model.W_unconstrained]: must be a torch.float32 tensor"),
+    ("nan weight", _ck_set(("state_dict", "model.unit_W_unconstrained"), lambda t: t * float("nan")),
+     "state_dict[model.unit_W_unconstrained]: holds non-finite values"),
+    ("weight dtype", _ck_set(("state_dict", "model.unit_W_unconstrained"), lambda t: t.double()),
+     "state_dict[model.unit_W_unconstrained]: must be a torch.float32 tensor"),
     ("best path", None, "best_model_path: must name a checkpoint.ckpt"),  # the run's own config.json (below)
     ("version", _ck_set(("pytorch-lightning_version",), "banana"), "pytorch-lightning_version: not a version"),
     ("schedulers", _ck_set(("lr_schedulers",), [{}]), "lr_schedulers: 1 schedulers, expected 0"),
@@ -1438,10 +1439,11 @@ def test_wide_ppca_log_likelihood_never_forms_the_d_by_d_matrix(forks, tmp_path)
     p.start()
     p.join(300)
     assert p.exitcode == 0, open(log).read()[-2000:]
-    m = json.loads((out / "metrics.json").read_text())
+    m = read_metrics(out)["quantities"]
     for key in ("train_log_likelihood", "test_log_likelihood", "mle_log_likelihood"):
-        assert math.isfinite(m[key]), key
-    assert m["mle_log_likelihood"] > m["train_log_likelihood"]  # the maximum on the training rows (1 step taken)
+        assert math.isfinite(m[key]["value"]), key
+    # the closed-form maximum on the training rows is above what training reached
+    assert m["mle_log_likelihood"]["value"] > m["train_log_likelihood"]["value"]
 
 
 def _dense_log_marginal(x, W, loc, noise_scale):
@@ -1491,19 +1493,21 @@ def test_a_model_too_large_for_memory_is_refused_before_it_is_built(forks, tmp_p
     p.join(120)
     lines = open(log).read().splitlines()
     assert p.exitcode == 2 and len(lines) == 1, lines
-    assert re.match(r"elbolab fit: error: vae with 902,219,664 parameters .* needs about [\d.]+ GiB of memory, "
-                    r"more than the [\d.]+ [GM]iB available", lines[0]), lines
+    assert re.match(r"elbolab fit: error: vae with 902,219,664 parameter and buffer values .* needs about "
+                    r"[\d.]+ GiB of memory, more than the [\d.]+ [GM]iB available", lines[0]), lines
     assert not out.exists()
 
 
 def test_memory_estimate_counts_parameters_and_steps(tmp_path):
-    """The estimate of a PPCA fit: 4 copies of its 327 parameters (4 bytes each) and 8
-    tensors of particles x batch x the widest layer (the 64 pixels)."""
+    """The estimate of a PPCA fit: 4 copies of its 392 values (4 bytes each: 327
+    parameters, W 64 x 2, loc 64, noise 1 and the encoder's 2 x 64 + 2 + 2 x 2 = 134,
+    and 65 buffers, the data's location 64 and scale 1) and 8 tensors of particles x
+    batch x the widest layer (the 64 pixels)."""
     data = loaders.load_dataset("digits")
     spec = runs.RunSpec("ppca", {"latent_dim": 2}, runs.TrainConfig(n_particles=3, batch_size=50))
-    need, n_params, width = runs.fit_memory(spec, data)
-    assert (n_params, width) == (327, 64)
-    assert need == 4 * 327 * 4 + 8 * 3 * 50 * 64 * 4
+    need, n_values, width = runs.fit_memory(spec, data)
+    assert (n_values, width) == (392, 64)
+    assert need == 4 * 392 * 4 + 8 * 3 * 50 * 64 * 4
 
 
 # ============================================================================ round two: only regular files
@@ -1694,12 +1698,12 @@ def test_resume_with_a_smaller_budget_keeps_the_records_consistent(finished_run,
     before = (run / "config.json").read_bytes()
     assert fit_script.main(["--resume", str(run), "--epochs", "1"]) == 0
     assert (run / "config.json").read_bytes() == before
-    m, spec = json.loads((run / "metrics.json").read_text()), json.loads(before)
-    assert (m["steps"], m["epochs"], m["config"]["train"]["epochs"]) == (26, 2, 2)
+    m, spec = read_metrics(run), json.loads(before)
+    assert (m["run"]["steps"], m["run"]["epochs"], m["config"]["train"]["epochs"]) == (26, 2, 2)
     assert m["config"] == {k: v for k, v in spec.items() if k != "data_info"}
     assert fit_script.main(["--resume", str(run), "--epochs", "3", "--n-samples", "10"]) == 0  # a larger one: run
-    m, spec = (json.loads((run / f).read_text()) for f in ("metrics.json", "config.json"))
-    assert (m["steps"], m["epochs"], spec["train"]["epochs"]) == (39, 3, 3)
+    m, spec = read_metrics(run), json.loads((run / "config.json").read_text())
+    assert (m["run"]["steps"], m["run"]["epochs"], spec["train"]["epochs"]) == (39, 3, 3)
 
 
 def test_overwrite_removes_the_old_runs_files_first(finished_run, tmp_path):
