@@ -1527,6 +1527,19 @@ SPECIAL_FILES = {  # what -> (make it in a directory, the words of the refusal)
 }
 
 
+def _cli_child_or_fail(forks, argv, log, hung):
+    """``elbolab ARGV`` in a child process that must end within 60 s (a hang fails the
+    test with ``hung`` instead of stalling it); returns the ended process."""
+    p = forks.Process(target=_faults.run_cli, args=(argv, log))
+    p.start()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        pytest.fail(hung)
+    return p
+
+
 @pytest.mark.parametrize("what", sorted(SPECIAL_FILES))
 def test_data_that_is_not_a_regular_file_is_refused_without_reading(forks, tmp_path, what):
     """A FIFO would block open() forever, a device never ends: refused by name before a
@@ -1534,13 +1547,7 @@ def test_data_that_is_not_a_regular_file_is_refused_without_reading(forks, tmp_p
     make, words = SPECIAL_FILES[what]
     path = make(tmp_path)
     out, log = tmp_path / "out", str(tmp_path / "log")
-    p = forks.Process(target=_faults.run_cli, args=(["fit", "--data", path, "--out", str(out)], log))
-    p.start()
-    p.join(60)
-    if p.is_alive():
-        p.kill()
-        p.join()
-        pytest.fail(f"--data {what} hung")
+    p = _cli_child_or_fail(forks, ["fit", "--data", path, "--out", str(out)], log, f"--data {what} hung")
     lines = open(log).read().splitlines()
     assert p.exitcode == 2 and lines == [f"elbolab fit: error: {path}: {words}" + lines[0].split(words, 1)[1]], lines
     assert not out.exists()
@@ -1561,13 +1568,7 @@ def test_run_files_and_idx_files_that_are_fifos_do_not_hang(forks, finished_run,
         _fifo(run / name)
         argv, target = ["evaluate", str(run), "--n-samples", "10", "--out", str(tmp_path / "o")], run / name
     log = str(tmp_path / "log")
-    p = forks.Process(target=_faults.run_cli, args=(argv, log))
-    p.start()
-    p.join(60)
-    if p.is_alive():
-        p.kill()
-        p.join()
-        pytest.fail(f"a FIFO {name} hung")
+    p = _cli_child_or_fail(forks, argv, log, f"a FIFO {name} hung")
     lines = open(log).read().splitlines()
     assert p.exitcode == 2 and len(lines) == 1 and f"{target}: is a FIFO" in lines[0], lines
 
