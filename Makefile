@@ -25,13 +25,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/elbolab report --dataset digits --out $(OUT) --overwrite
 
-## The default test suite (under 10 minutes on 2 cores; `slow` runs left out).
+## The default test suite (under 10 minutes on 2 cores; `slow` runs left out): two
+## single-threaded pytest processes (pytest-xdist), each test file in one of them.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 ## The long convergence runs.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m slow -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -97,7 +97,7 @@ EXAMPLES = """examples:
   elbolab compare-guides --model vae --guides amortized,flow --ais always --ais-steps 200 --out runs/flows
   elbolab compare-guides --model my_vae.py:VAE --data X.npy --out runs/mine
   elbolab compare-guides --model my_model.py:model --guide my_model.py:guide --data X.npy --out runs/mine-fn
-  elbolab compare-guides --model vae --guides amortized,flow --dataset mnist --data-dir ../shared/data/mnist \\
+  elbolab compare-guides --model vae --guides amortized,flow --dataset mnist --data-dir ~/data/mnist \\
       --val-fraction 0 --latent-dim 10 --hidden 300,300 --epochs 5 --n-rows 100 --n-samples 1000 \\
       --ais always --ais-steps 100 --ais-chains 8 --threads 1 --out runs/compare-mnist-flows
 """

@@ -49,7 +49,7 @@ EXAMPLES = """examples:
   elbolab fit --model ppca --data X.npy --latent-dim 3 --out runs/mine
   elbolab fit --model gaussian --data X.npy --guide structured --out runs/bayes
   elbolab fit --model vae --objective iwae --n-particles 5 --out runs/vae
-  elbolab fit --model gmvae --dataset mnist --data-dir ../shared/data/mnist \\
+  elbolab fit --model gmvae --dataset mnist --data-dir ~/data/mnist \\
       --hidden 300,300 --activation elu --latent-dim 10 --n-components 500 --steps 20000 --out runs/gmvae
   elbolab fit --model my_model.py:MyVAE --data X.npy --out runs/mine       # your PyroModule with model/guide
   elbolab fit --model my_model.py:model --guide auto-mvn --data X.npy --out runs/mine-fn

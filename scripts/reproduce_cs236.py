@@ -39,7 +39,7 @@ PUBLISHED = {  # CS236 homework 2 grader targets (nats; lower is better)
 ROWS = ("NELBO", "KL", "Rec", "IWAE-1", "IWAE-10", "IWAE-100", "IWAE-1000")
 
 EXAMPLES = """examples:
-  elbolab reproduce-cs236 --data-dir ../shared/data/mnist --out runs/cs236 --threads 1
+  elbolab reproduce-cs236 --data-dir ~/data/mnist --out runs/cs236 --threads 1
   elbolab reproduce-cs236 --steps 2000 --n-samples 100 --out runs/cs236-short
 """
 

@@ -45,7 +45,7 @@ PUBLISHED_NLL = {("vae", 1): 86.76, ("vae", 5): 86.47, ("vae", 50): 86.35,
 PAPER_EPOCHS = 3280
 
 EXAMPLES = """examples:
-  elbolab reproduce-iwae --data-dir ../shared/data/mnist --out runs/iwae --epochs 10 --threads 1
+  elbolab reproduce-iwae --data-dir ~/data/mnist --out runs/iwae --epochs 10 --threads 1
   elbolab reproduce-iwae --epochs 1 --ks 1,5 --test-rows 200 --n-samples 500 --out runs/iwae-short
 """
 
