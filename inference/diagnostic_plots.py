@@ -285,7 +285,8 @@ def pair_plot(posteriors: dict, variables, path: str, title: str, caption: str =
     for var, label, coords, draws in table:
         if "row" in coords:
             rows.setdefault(coords["row"], []).append((label, draws))
-    head = f"{title}\ndraws (references fainter, underneath); lines: {INTERVAL:.0%} ellipse of each posterior's draws"
+    refs = "references fainter, underneath; " if any(n in REFERENCES for n in names) else ""
+    head = f"{title}\ndraws ({refs}at most {max_points} each); lines: {INTERVAL:.0%} ellipse of each posterior's draws"
     if rows:
         pairs = [(entries[0], entries[1]) for entries in rows.values() if len(entries) >= 2]
         fig, axes = plt.subplots(1, max(1, len(pairs)), figsize=(3.4 * max(1, len(pairs)) + 0.6, 4.2),

@@ -67,7 +67,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def format_help(self) -> str:
         for action in self._actions:
             if action.dest == "threads" and action.help is not argparse.SUPPRESS:
-                action.help = THREADS_HELP
+                action.help, action.metavar = THREADS_HELP, "N"
         return super().format_help()
 
 
