@@ -103,6 +103,7 @@ class SVIModule(pl.LightningModule):
         self.validations: list[dict] = []
         self.t0 = time.perf_counter()
         self.seconds_before = 0.0  # training seconds of earlier (resumed) sessions
+        self.interrupt = None  # train.fit's interrupt watch: a Ctrl-C noted, raised at a step's start
         self.row_params: list[torch.nn.Parameter] = []  # tables with row-sparse gradients (see setup)
         self.history_synced = 0  # history rows already averaged over ranks
         self.validate = is_validation_enabled()  # the caller's Pyro validation (on by default)
@@ -212,6 +213,8 @@ class SVIModule(pl.LightningModule):
         """One step on the rows x (B, D) at positions idx (B,) of the training set: the
         loss, its gradient, the checks (a non-finite loss or gradient stops the fit before
         any parameter moves), the update, the history row."""
+        if self.interrupt is not None and self.interrupt.requested:
+            raise KeyboardInterrupt
         for _, p in self.named_params:  # what zero_grad(set_to_none=True) does, without its wrapper
             p.grad = None
         # Pyro's checks (site shapes and supports, model and guide matching) on the first

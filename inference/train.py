@@ -69,24 +69,39 @@ def interrupt_watch():
     Lightning's handler of an interrupted ``Trainer.fit`` ignores SIGINT from then on and
     calls ``sys.exit(1)``: the interrupt would end the program with status 1 and no
     word. ``fit`` raises KeyboardInterrupt instead when this callback saw one, and
-    ``restoring_sigint`` puts back the SIGINT handler that was in place before."""
+    ``restoring_sigint`` puts back the SIGINT handler that was in place before.
+
+    While the Trainer runs, a first SIGINT only sets ``requested``; the training step
+    raises KeyboardInterrupt at its start (``SVIModule.train_on``). Python's own handler
+    raises wherever the main thread is, and a KeyboardInterrupt raised inside an object's
+    finalizer (Lightning's profiler has one) is printed as "Exception ignored" and
+    dropped: the fit went on. A second SIGINT raises at once."""
     import lightning.pytorch as pl
 
     class InterruptWatch(pl.Callback):
         seen = False
+        requested = False
 
         def on_exception(self, trainer, module, exception):
             if isinstance(exception, KeyboardInterrupt):
                 self.seen = True
 
+        def _on_sigint(self, signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
         @contextlib.contextmanager
         def restoring_sigint(self):
             try:
                 before = signal.getsignal(signal.SIGINT)
+                signal.signal(signal.SIGINT, self._on_sigint)
             except ValueError:  # not the main thread: signals are not ours to handle
                 before = None
             try:
                 yield
+                if self.requested:  # after the last step: still an interrupt
+                    raise KeyboardInterrupt
             finally:
                 if before is not None and signal.getsignal(signal.SIGINT) is not before:
                     with contextlib.suppress(ValueError, TypeError):
@@ -164,6 +179,7 @@ def fit(model, data: DataSplits, config: TrainConfig, out_dir: str | None = None
                                  check_on_train_epoch_end=False))
     interrupt = interrupt_watch()
     cbs.append(interrupt)
+    module.interrupt = interrupt
     if not validate:
         val_kwargs: dict[str, Any] = {"limit_val_batches": 0}
     elif config.val_every is not None:  # every val_every optimizer steps, across epoch boundaries

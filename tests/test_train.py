@@ -215,3 +215,30 @@ def test_validating_does_not_change_the_training_path():
         states.append({k: v.clone() for k, v in m.state_dict().items()})
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_fit():
+    """SIGINT while an object's finalizer runs (Lightning's profiler has one): Python's
+    own handler raised KeyboardInterrupt inside the finalizer, where it is printed as
+    "Exception ignored" and dropped, and the fit went on to its end. The fit's handler
+    notes it, and the next step stops the fit."""
+    import lightning.pytorch as pl
+
+    class SignalsInItsFinalizer:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100_000):  # the handler runs in here, between these bytecodes
+                pass
+
+    seen = []
+
+    class AtStep5(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.append(trainer.global_step)
+            if trainer.global_step == 5:
+                SignalsInItsFinalizer()  # no reference kept: finalized at once
+
+    data = digits(200)
+    with pytest.raises(KeyboardInterrupt):
+        fit(ppca(data, k=2), data, TrainConfig(batch_size=25, epochs=50, progress=False), callbacks=[AtStep5()])
+    assert max(seen) <= 6  # stopped at the next step, not after 400
