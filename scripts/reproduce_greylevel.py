@@ -43,9 +43,8 @@ import numpy as np
 import torch
 
 import elbolab
-from elbolab.inference.diagnostics import ParetoK
 from elbolab.inference.errors import UsageError
-from elbolab.inference.evaluate import Estimate, test_log_likelihood, tune_malloc
+from elbolab.inference.evaluate import test_log_likelihood, tune_malloc
 from elbolab.inference.files import atomic_write, save_json
 from elbolab.inference.metrics import UNITS, exact, from_estimate
 from elbolab.models import ppca
@@ -56,7 +55,6 @@ PROG = "elbolab reproduce-greylevel"
 LIKELIHOODS = ("continuous-bernoulli", "gaussian", "gaussian-diag")
 DATA_ROOT = os.path.dirname(_reproduce.DEFAULT_MNIST)
 DATASETS = {"mnist": "mnist", "fashion-mnist": "fashion-mnist"}  # name -> directory under --data-root
-EVAL_CHUNK = 50  # test images per importance-sampling call (progress, and memory)
 
 EXAMPLES = """examples:
   elbolab reproduce-greylevel --out results/greylevel --threads 1
@@ -110,26 +108,20 @@ def bits_per_dim(q: dict, dim: int) -> tuple[float, float | None]:
 
 
 def importance(model, x: torch.Tensor, n_samples: int, seed: int, progress: bool | None) -> dict:
-    """Importance-sampled log-likelihood of each row (chunks of ``EVAL_CHUNK`` rows, the
-    i-th with seed ``seed + i``), as one quantity over all rows."""
-    pareto, values = ParetoK(), []
-    chunks = list(range(0, len(x), EVAL_CHUNK))
+    """The importance-sampled log-likelihood of the rows x as ``elbolab evaluate`` draws
+    it (``test_log_likelihood``: its own chunking, the Pareto k of every row), as one
+    quantity over the rows; a progress bar over the rows as the chunks finish."""
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
     if show:
         from tqdm import tqdm
 
         bar = tqdm(total=len(x), desc="importance sampling", unit="image", file=sys.stderr)
+    tick = None if bar is None else (lambda start, log_w: bar.update(int(log_w.shape[0])))
     with torch.no_grad():
-        for i, start in enumerate(chunks):
-            est = test_log_likelihood(model, x[start:start + EVAL_CHUNK], n_samples, seed + i, pareto=pareto)
-            values.append(est["log_likelihood"].values)
-            if bar is not None:
-                bar.update(len(values[-1]))
+        est = test_log_likelihood(model, x, n_samples, seed, on_log_weights=tick)["log_likelihood"]
     if bar is not None:
         bar.close()
-    summary = pareto.summary()
-    est = Estimate.of(torch.cat(values)).with_reliability(summary, bool(summary["reliable"]))
     return from_estimate(est, method="importance", K=n_samples, bound="lower")
 
 
@@ -147,8 +139,8 @@ def fit_vae(name: str, likelihood: str, train: torch.Tensor, test: torch.Tensor,
     config = elbolab.models.VAEConfig(latent_dim=args.latent_dim, hidden=tuple(args.hidden), likelihood=likelihood)
     model = elbolab.models.VAE(config, train.shape[1], train.shape[0])
     print(f"[{name}] fitting the {likelihood} VAE for {args.epochs} epoch(s) ...", file=sys.stderr)
-    run = elbolab.fit(model, train, epochs=args.epochs, seed=args.seed, threads=args.threads, progress=args.progress)
-    run.save(run_dir, overwrite=True)
+    run = elbolab.fit(model, train, epochs=args.epochs, seed=args.seed, threads=args.threads, progress=args.progress,
+                      out=run_dir, overwrite=True)
     t0 = time.perf_counter()
     print(f"[{name}] importance sampling {len(test)} test images, K = {args.n_samples} ...", file=sys.stderr)
     model.eval()
