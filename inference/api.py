@@ -329,12 +329,15 @@ def compare_guides(model, guides: dict, *args, heldout: tuple | None = None, n_r
     Duvenaud 2018). Needs one local latent per row. ``ais``: an
     ``inference.compare.AISSettings`` (default: its defaults, AIS where importance
     sampling is unreliable, checked by BDMC). Returns {name: {"run": Run, "train":
-    numbers, "test": numbers}} (numbers: ``inference.compare.study``'s)."""
-    from elbolab.inference.compare import AISSettings, LocalSettings, eval_rows, study
+    numbers, "test": numbers}} (numbers: ``inference.guide_study.gap_study``'s, as
+    ``elbolab compare-guides`` reports them)."""
+    from elbolab.inference.compare import AISSettings, LocalSettings
+    from elbolab.inference.guide_study import StudySettings, gap_study
 
     if not isinstance(guides, dict) or not guides:
         raise UsageError("guides must be a dict of name -> guide")
-    local = local or LocalSettings()
+    settings = StudySettings(n_rows=n_rows, n_samples=num_samples, seed=seed, local=local or LocalSettings(),
+                             ais=AISSettings() if ais is None else ais)
     initial = None
     out = {}
     for name, guide in guides.items():
@@ -352,9 +355,7 @@ def compare_guides(model, guides: dict, *args, heldout: tuple | None = None, n_r
         if heldout is not None:
             test = run.model.pack(*heldout)
             data = DataSplits("data", data.train, data.val, test, source="arguments")
-        splits = eval_rows(data, n_rows, seed)
-        out[name] = {"run": run, **study(run.model, data.train, splits, num_samples, local, seed=seed,
-                                         ais=AISSettings() if ais is None else ais)}
+        out[name] = {"run": run, **gap_study(run.model, data, settings)}
     return out
 
 

@@ -9,7 +9,8 @@ arguments into such rows).
 
 Everything else is optional and declared by a protocol of its own, checked with
 ``isinstance``: a closed-form log-likelihood (:class:`ExactLikelihood`), closed-form
-ELBOs (:class:`ExactELBO`), exact posterior draws (:class:`ExactPosterior`), the exact
+ELBOs (:class:`ExactELBO`), exact posterior draws (:class:`ExactPosterior`), an exact
+Gaussian posterior of each row's local latent (:class:`GaussianPosterior`), the exact
 numbers a fit reports (:class:`ClosedForms`), derived posterior quantities
 (:class:`DerivedQuantities`) and the names of their dimensions
 (:class:`NamedDims`), a decoder for pictures (:class:`Generative`), and
@@ -70,6 +71,18 @@ class ExactELBO(Protocol):
 class ExactPosterior(Protocol):
     def exact_posterior_samples(self, x: torch.Tensor, n_samples: int) -> dict[str, torch.Tensor]:
         """Draws of the latent sites from the exact posterior given the rows x."""
+
+
+@runtime_checkable
+class GaussianPosterior(ExactLikelihood, Protocol):
+    """A model with an exact likelihood whose exact posterior of each row's local latent
+    is Gaussian with one covariance shared by every row: p(z_i | x_i) = N(loc_i, cov).
+    PPCA (Tipping & Bishop 1999): loc_i = M^-1 W^T (x_i - mu), cov = sigma^2 M^-1 with
+    M = W^T W + sigma^2 I. The best member of a Gaussian guide family is then known in
+    closed form (``inference.guide_study.closed_form_gap``)."""
+
+    def exact_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loc (B, k), cov (k, k)) of p(z_i | x_i) for the rows x (B, D), float64."""
 
 
 @runtime_checkable

@@ -407,14 +407,21 @@ def check_data_args(args: argparse.Namespace) -> None:
         raise UsageError("--test-labels labels the rows of --test-data")
 
 
+def data_flags(args: argparse.Namespace) -> DataSpec:
+    """The data flags as a ``DataSpec``, ``--binarize`` as given (auto: resolved by whoever
+    knows the likelihood; ``runs.resolve_binarize``), not yet checked field by field."""
+    check_data_args(args)
+    return DataSpec(dataset=args.dataset, data_path=args.data, data_dir=args.data_dir, binarize=args.binarize,
+                    val_fraction=args.val_fraction, test_fraction=args.test_fraction, test_path=args.test_data,
+                    labels_path=args.labels, test_labels_path=args.test_labels)
+
+
 def data_spec(args: argparse.Namespace, likelihood: str | None) -> DataSpec:
     """The data flags as a ``DataSpec`` (``--binarize auto`` resolved for the likelihood)."""
-    check_data_args(args)
+    spec = data_flags(args)
     return DataSpec.from_dict({
-        "dataset": args.dataset, "data_path": args.data, "data_dir": args.data_dir,
-        "binarize": resolve_binarize(args.binarize, args.dataset, args.data, likelihood),
-        "val_fraction": args.val_fraction, "test_fraction": args.test_fraction, "test_path": args.test_data,
-        "labels_path": args.labels, "test_labels_path": args.test_labels}, "the data flags")
+        **dataclasses.asdict(spec), "binarize": resolve_binarize(spec.binarize, spec.dataset, spec.data_path,
+                                                                 likelihood)}, "the data flags")
 
 
 # ----------------------------------------------------------------------------- training and output

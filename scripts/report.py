@@ -11,7 +11,7 @@ directory of its own under --out, summarized in one line on the terminal:
               log-likelihoods
   gaps        amortized, semi-amortized and per-datapoint guides for PPCA, the VAE and
               the mixture-prior VAE: the inference gap split into its approximation
-              and amortization parts (elbolab compare-guides)
+              and amortization parts (the study of elbolab compare-guides)
   identities  the course notes' identities, each measured
 
 The data: a built-in set (--dataset), or your own matrix (--data X.npy, real-valued or
@@ -28,9 +28,6 @@ otherwise; ± is one standard error.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import json
 import os
 import sys
 import time
@@ -54,11 +51,14 @@ STAGES = ("ppca", "gaussian", "vae", "gaps", "identities")
 
 # Training budgets per data set: the digits run is the main job (minutes on 2 cores);
 # MNIST is the same study at full size; a matrix of your own gets the digits' budget.
+# "gaps": the gap study's settings over inference.guide_study's defaults: "families" and
+# "guides" studied, "data" (DataSpec fields), "model" (its MODEL_FIELDS), "train"
+# (TrainConfig fields), "n_rows", "local" (LocalSettings fields).
 BUDGETS = {
     "digits": {"ppca_steps": 600, "ppca_batch": None, "ppca_lr": 0.03, "gaussian_steps": 1500,
                "vae_epochs": 100, "vae_batch": 100, "n_samples": 1000,
                "latent_dim": 4, "hidden": (128, 128), "n_components": 10, "iwae_k": 5, "nuts_samples": 300,
-               "gaps": []},
+               "gaps": {}},
     # MNIST: the same study at full size, in under 20 minutes on one thread. PPCA (k = 20, from
     # the principal directions): 2000 steps of 2000 rows at 0.05 -> 1e-4 end 0.10 nats per
     # datapoint short of the closed form (500 steps: 2.06; decaying to 1e-3 instead: 0.055, and
@@ -70,14 +70,14 @@ BUDGETS = {
     "mnist": {"ppca_steps": 2000, "ppca_batch": 2000, "ppca_lr": 0.05, "gaussian_steps": 1500,
               "vae_epochs": 5, "vae_batch": 100, "n_samples": 250,
               "latent_dim": 10, "hidden": (300, 300), "n_components": 50, "iwae_k": 5, "nuts_samples": 300,
-              "gaps": ["--model", "vae", "--guides", "amortized,per-datapoint", "--val-fraction", "0",
-                       "--latent-dim", "10", "--hidden", "300,300", "--epochs", "3", "--n-rows", "100"]},
+              "gaps": {"families": ("vae",), "guides": ("amortized", "per-datapoint"), "data": {"val_fraction": 0.0},
+                       "model": {"latent_dim": 10, "hidden": (300, 300)}, "train": {"epochs": 3}, "n_rows": 100}},
 }
 BUDGETS["fashion-mnist"] = BUDGETS["mnist"]
 GAUSSIAN_ROWS = 1257  # the Bayesian Gaussian's rows at most (the digits' training rows)
 # --quick: the same report from tiny budgets (a smoke test of the whole pipeline; numbers not meaningful)
 QUICK = {"ppca_steps": 60, "gaussian_steps": 60, "vae_epochs": 2, "n_samples": 50, "nuts_samples": 40,
-         "gaps": ["--epochs", "2", "--n-rows", "20", "--local-max-steps", "100"]}
+         "gaps": {"train": {"epochs": 2}, "n_rows": 20, "local": {"max_steps": 100}}}
 VAE_RUNS = [(model, guide, objective) for model in ("vae", "gmvae") for guide in ("amortized", "per-datapoint")
             for objective in ("elbo", "iwae")]
 PICTURE_RUNS = ("vae-amortized-elbo", "gmvae-amortized-iwae")  # the VAE runs whose pictures the report shows
@@ -124,8 +124,9 @@ class Study:
     """What the stages share: where to write, the data flags, budgets, the seed; the data
     (``source``: as loaded, unbinarized) and what the VAEs observe."""
 
-    def __init__(self, args):
+    def __init__(self, args, command: str = PROG):
         self.args, self.out, self.seed = args, args.out, args.seed
+        self.command = command  # how the report was asked for
         self.own = args.data is not None  # a matrix of the user's own
         self.budget = {**BUDGETS["digits" if self.own else args.dataset], **(QUICK if args.quick else {})}
         self.source = self.load("none")
@@ -492,7 +493,9 @@ def stage_vae(study: Study, doc: Document) -> str:
 
 
 def stage_gaps(study: Study, doc: Document) -> str:
-    from elbolab.scripts import compare_guides
+    from elbolab.inference import guide_study
+    from elbolab.inference.compare import LocalSettings
+    from elbolab.inference.evaluate import tune_malloc
 
     heading = "Amortized against per-datapoint guides: the inference gap"
     a, out = study.args, os.path.join(study.out, "gaps")
@@ -500,30 +503,32 @@ def stage_gaps(study: Study, doc: Document) -> str:
     if d < 2:
         return skip(study, doc, "gaps", heading, "the guides are compared on PPCA and VAEs with a latent dimension "
                                                   "below the data's, and the data have one column")
-    argv = ["--out", out, "--overwrite", "--seed", str(study.seed), "--n-samples", str(study.budget["n_samples"]),
-            "--threads", str(a.threads), *study.budget["gaps"]]
+    budget = study.budget["gaps"]
+    families, model = budget.get("families", guide_study.FAMILIES), dict(budget.get("model", {}))
     skipped_vaes = ""
     if study.own:
-        argv += ["--data", a.data, "--val-fraction", str(a.val_fraction), "--test-fraction", str(a.test_fraction),
-                 "--latent-dim", str(min(5, d - 1))]
-        argv += ["--test-data", a.test_data] if a.test_data else []
+        data = DataSpec(data_path=a.data, test_path=a.test_data, binarize="auto", val_fraction=a.val_fraction,
+                        test_fraction=a.test_fraction)
+        model["latent_dim"] = min(5, d - 1)
         if study.vae_likelihood != "bernoulli" or study.vae_binarize != "none":
-            argv += ["--model", "ppca"]  # compare-guides' VAEs have Bernoulli decoders: 0/1 data only
+            families = ("ppca",)  # compare-guides' VAEs have Bernoulli decoders: 0/1 data only
             skipped_vaes = (f"The VAEs are left out here: compare-guides' VAEs have Bernoulli decoders, and these "
                             f"data call for a {study.vae_likelihood} likelihood. ")
     else:
-        argv += ["--dataset", a.dataset] + (["--data-dir", a.data_dir] if a.data_dir is not None else [])
-    if a.progress is not None:
-        argv.append("--progress" if a.progress else "--no-progress")
-    log = io.StringIO()  # its tables go to the report, not to the terminal
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        status = compare_guides.main(argv, on_trained=lambda family, guide: study.tick())
-    if status != 0:
-        raise RuntimeError(f"compare_guides.py failed: {log.getvalue().strip().splitlines()[-1:]}")
-    with atomic_write(os.path.join(out, "log.txt")) as f:
-        f.write(log.getvalue())
-    with open(os.path.join(out, "metrics.json")) as f:
-        metrics = json.load(f)
+        data = DataSpec(dataset=a.dataset, data_dir=a.data_dir, binarize="auto", **budget.get("data", {}))
+    train = {"threads": a.threads, "progress": a.progress, **budget.get("train", {})}
+    subjects = [guide_study.builtin_subject(family, data, model=model, train=train, guides=budget.get("guides"),
+                                            seed=study.seed) for family in families]
+    settings = guide_study.StudySettings(n_rows=budget.get("n_rows", guide_study.StudySettings.n_rows),
+                                         n_samples=study.budget["n_samples"], seed=study.seed,
+                                         local=LocalSettings(**budget.get("local", {})))
+    tune_malloc()  # as compare-guides does: the study's chunked evaluations of K x rows tensors
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "log.txt"), "w") as log:  # the study's progress lines: not the terminal's
+        metrics = guide_study.run_guide_study(subjects, RunDir(out, overwrite=True), settings,
+                                              command=f"{study.command} (its gaps stage)",
+                                              on_trained=lambda family, guide: study.tick(),
+                                              log=lambda line: print(line, file=log, flush=True))
     rows, amortization = [], {}
     for family, res in metrics["models"].items():
         for guide, r in res["guides"].items():
@@ -604,7 +609,7 @@ def stage_identities(study: Study, doc: Document) -> str:
             f"{', '.join(metrics['data_checks_failed']) or 'none'}")
 
 
-# runs of a program per stage (fits, diagnoses, trainings of compare_guides), for the stage's bar
+# runs of a program per stage (fits, diagnoses, trainings of the gap study), for the stage's bar
 STAGE_RUNS = {"ppca": 2, "gaussian": 6, "vae": 10, "gaps": 11, "identities": 1}
 STAGE_FUNCTIONS = {"ppca": stage_ppca, "gaussian": stage_gaussian, "vae": stage_vae, "gaps": stage_gaps,
                    "identities": stage_identities}
@@ -631,7 +636,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir DIR holding its IDX files")
     _cli.check_data_args(args)
     _cli.set_threads(args.threads)
-    study = Study(args)  # the data loaded and checked: bad data are refused before anything is written
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    # the data loaded and checked: bad data are refused before anything is written
+    study = Study(args, f"{PROG} {command}")
     DataSpec.from_dict(study.data(study.vae_binarize)).load(study.vae_likelihood)  # e.g. --likelihood bernoulli
     doc = Document(f"elbolab report: {study.name}")
     doc.para("Every number is in nats per datapoint unless it says otherwise; ± is one standard error over the "
@@ -661,7 +668,6 @@ def main(argv: list[str] | None = None) -> int:
         doc.table(["stage", "seconds (wall clock)", "CPU seconds"],
                   [[n, f"{s['seconds']:.1f}", f"{s['cpu_seconds']:.1f}"]
                    for n, s in ((n, study.summary["stages"][n]) for n in stages)] + [["total", f"{total:.1f}", f"{cpu_total:.1f}"]])
-        command = " ".join(argv if argv is not None else sys.argv[1:])
         doc.para(f"Seed {args.seed}; torch threads {torch.get_num_threads()}. Reproduce with "
                  f"`elbolab report {command}`.")
         study.summary["seconds"], study.summary["cpu_seconds"] = total, cpu_total

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from elbolab.inference import guide_study
 from elbolab.scripts import compare_guides
 
 TINY = ["--epochs", "1", "--n-rows", "20", "--n-samples", "50", "--local-window", "10", "--local-patience", "1",
@@ -29,7 +30,7 @@ def _check_run(out, families, n_rows, guides_of=None, tables=("per-datapoint", "
     assert (out / "gaps.png").stat().st_size > 20_000  # a real figure
     for fam in families:
         guides = m["models"][fam]["guides"]
-        assert list(guides) == list((guides_of or compare_guides.GUIDES)[fam])
+        assert list(guides) == list((guides_of or guide_study.GUIDES)[fam])
         for guide, r in guides.items():
             assert r["training"]["steps"] > 0 and r["training"]["seconds"] > 0
             for split in ("train", "test"):
@@ -155,7 +156,7 @@ def test_compare_guides_on_a_user_model(tmp_path, user_files, capsys):
     out = tmp_path / "cmp"
     ref = f"{src}:VAE"
     assert compare_guides.main(["--model", ref, "--data", str(data), *TINY, "--out", str(out)]) == 0
-    m = _check_run(out, (ref,), 20, {ref: compare_guides.USER_GUIDES})
+    m = _check_run(out, (ref,), 20, {ref: guide_study.USER_GUIDES})
     res = m["models"][ref]
     assert res["model_config"] == {"model": ref, "guide": "its own", "plate": "data"}
     assert res["data"]["n_train"] == 240 and res["data"]["data_dim"] == 6  # 300 rows: 80/10/10

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import sys
 
 import math
 
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from elbolab.inference import guide_study
 from elbolab.models.datasources import DataSplits
 from elbolab.scripts import report
 
@@ -186,3 +188,46 @@ def test_correlated_columns_ignore_scale():
                    torch.randn(500, 1, generator=g), 300 * z + 10 * torch.randn(500, 1, generator=g)], 1)
     i, j, rho = report.correlated_columns(x)
     assert {i, j} == {1, 3} and rho < -0.9
+
+
+def test_gaps_stage_calls_the_library_and_keeps_the_terminal_quiet(tmp_path, capsys, monkeypatch):
+    """The gaps stage runs inference.guide_study in-process with its settings from a plain
+    dict (here a tiny one: PPCA's two encoders): the terminal gets the stage's one line
+    (no tables on stdout, no training lines on stderr: those go to gaps/log.txt), and the
+    report's table carries the study's numbers, its gaps adding up."""
+    monkeypatch.setitem(report.QUICK, "gaps", {"families": ("ppca",), "guides": ("amortized", "amortized-full"),
+                                               "train": {"epochs": 1}, "n_rows": 10, "local": {"max_steps": 50}})
+    streams, study = [], guide_study.run_guide_study
+
+    def spy(*args, **kwargs):  # the streams the library writes to: the terminal's, not a StringIO
+        streams.append((sys.stdout, sys.stderr))
+        return study(*args, **kwargs)
+
+    monkeypatch.setattr(guide_study, "run_guide_study", spy)
+    out = tmp_path / "r"
+    assert report.main(["--quick", "--stages", "gaps", "--out", str(out), "--no-progress"]) == 0
+    assert streams == [(sys.stdout, sys.stderr)]
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()  # the stage's line and the report's path, nothing of the study's own
+    assert len(lines) == 2 and lines[0].startswith("[gaps] 2 guides; amortization gap of the encoders: ppca ")
+    assert lines[1].startswith(f"report: {out / 'report.md'}")
+    assert "| guide |" not in captured.out and "[ppca/amortized]" not in captured.err
+    log = (out / "gaps" / "log.txt").read_text()
+    assert "[ppca/amortized] training ..." in log and "[ppca/amortized-full] test: ELBO" in log
+    metrics = json.loads((out / "gaps" / "metrics.json").read_text())
+    assert metrics["n_rows"] == 10 and metrics["n_samples"] == report.QUICK["n_samples"]
+    assert metrics["local"]["max_steps"] == 50 and metrics["command"].startswith("elbolab report --quick")
+    md = (out / "report.md").read_text()
+    rows = {cells[1]: cells for cells in (line.strip("|").split(" | ") for line in md.splitlines()
+                                         if line.startswith("| ppca | "))}
+    assert list(rows) == ["amortized", "amortized-full"]
+    for guide, cells in rows.items():
+        t = metrics["models"]["ppca"]["guides"][guide]["test"]
+        inference, approx, amort = (float(cells[i].split(" ±")[0]) for i in (3, 4, 5))
+        assert inference == pytest.approx(t["inference_gap"]["mean"], abs=5e-4)  # printed to 3 decimals
+        assert inference == pytest.approx(approx + amort, abs=1.5e-3)  # three numbers rounded to 3 decimals
+        assert f"(exact {t['approximation_gap_closed_form']:.3f})" in cells[4]
+    assert "(exact 0.000)" in rows["amortized-full"][4]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"]["gaps"]["amortization_gap"]["ppca"] == \
+        metrics["models"]["ppca"]["guides"]["amortized"]["test"]["amortization_gap"]["mean"]
