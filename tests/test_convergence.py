@@ -33,7 +33,7 @@ def ppca_matrix(seed: int, n: int = 600, d: int = 12, k: int = 3, offset: float 
 @pytest.mark.parametrize("offset, scale", [(10.0, 3.0), (-200.0, 40.0), (0.0, 0.02)])
 def test_ppca_from_the_defaults_reaches_the_closed_form_on_any_location_and_scale(tmp_path, offset, scale):
     """``elbolab fit --model ppca --data X.npy --latent-dim 3`` with no other flag ends
-    within 0.05 nats per datapoint of the closed-form maximum (measured: 1e-4), and says it
+    within 0.05 nats per datapoint of the closed-form maximum (measured: 2e-4), and says it
     converged; the three matrices' offsets and scales span four orders of magnitude."""
     np.save(tmp_path / "x.npy", ppca_matrix(1, offset=offset, scale=scale))
     assert fit_script.main(["--model", "ppca", "--data", str(tmp_path / "x.npy"), "--latent-dim", "3",
@@ -63,7 +63,7 @@ def test_linear_gaussian_models_from_the_defaults_reach_pca_on_an_ill_conditione
     their default flags end within 0.05 nats per datapoint of Tipping & Bishop's
     maximum on the training rows, both numbers exact: the model's log-likelihood at its
     fitted parameters (for the VAE the exact marginal of its affine decoder, N(b,
-    W W^T + noise_scale^2 I)). Measured: PPCA 0.0006, the VAE 0.0002; PPCA from random
+    W W^T + noise_scale^2 I)). Measured: PPCA 0.0003, the VAE 0.0002; PPCA from random
     directions was 0.3 short and still rising after 2000 steps on this matrix."""
     np.save(tmp_path / "x.npy", ill_conditioned_matrix(7))
     assert fit_script.main([*argv, "--data", str(tmp_path / "x.npy"), "--latent-dim", "3",
