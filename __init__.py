@@ -18,7 +18,27 @@ the studies from the shell (``elbolab --help``).
 
 __version__ = "0.2.0"
 
-from elbolab.inference.api import Run, compare_guides, fit, importance_log_likelihood, load_run  # noqa: E402
-from elbolab import models  # noqa: E402
+import importlib
 
-__all__ = ["Run", "compare_guides", "fit", "importance_log_likelihood", "load_run", "models", "__version__"]
+# The API is imported on first use (PEP 562), not by ``import elbolab``: the ``elbolab``
+# command then starts without torch, answers ``--help`` at once, and a Ctrl-C while a
+# program imports torch and Pyro is its ``interrupted``, not a traceback.
+_API = ("Run", "compare_guides", "fit", "importance_log_likelihood", "load_run")
+_SUBPACKAGES = ("models", "inference", "scripts")
+
+__all__ = [*_API, "models", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module("elbolab.inference.api"), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"elbolab.{name}")
+    else:
+        raise AttributeError(f"module 'elbolab' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API, *_SUBPACKAGES})

@@ -7,7 +7,10 @@ is the program's (0 done, 1 a fault at run time, 2 bad input, 130 interrupted).
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
+import threading
 
 # subcommand -> (module of elbolab.scripts, what it does)
 COMMANDS = {
@@ -36,6 +39,10 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -55,11 +62,23 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean {close[0]}?)" if close else f"; choose one of {', '.join(COMMANDS)}"
         print(f"elbolab: error: unknown command {name!r}{hint}", file=sys.stderr)
         return 2
-    try:  # (the program's own main reports its interrupts; this covers the import before it)
-        module = importlib.import_module(f"elbolab.scripts.{COMMANDS[name][0]}")
-    except KeyboardInterrupt:
+    # A Ctrl-C while the program's modules load (torch, Pyro: seconds) leaves at once with
+    # the program's own one line: a KeyboardInterrupt raised inside a half-imported numpy
+    # or torch came out as a RecursionError or AttributeError traceback (status 1).
+    def interrupted(signum, frame):
         print(f"elbolab {name}: interrupted", file=sys.stderr)
-        return 130
+        sys.stderr.flush()
+        os._exit(130)
+
+    main_thread = _main_thread()  # (signal handlers can only be set there)
+    if main_thread:
+        before = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, interrupted)
+    try:
+        module = importlib.import_module(f"elbolab.scripts.{COMMANDS[name][0]}")
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, signal.default_int_handler if before is None else before)
     return int(module.main(argv[1:]) or 0)
 
 

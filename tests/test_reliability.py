@@ -1074,6 +1074,10 @@ def test_ctrl_c_during_an_evaluation_exits_130(forks, finished_run, tmp_path):
     p = forks.Process(target=_faults.run_cli, args=(["evaluate", str(finished_run), "--n-samples", "1000000",
                                                      "--threads", "1", "--out", str(out)], log))
     p.start()
+    # the log exists once the child runs its own code: a forkserver's child ignores SIGINT
+    # (as its server does) until it has put its handlers back, and a SIGINT sent in that
+    # window was lost (the evaluation then ran on silently until killed: seen once under load)
+    _wait_for(tmp_path / "eval.log", p)
     time.sleep(2.0)  # loading the run takes well under a second; the estimate, minutes
     os.kill(p.pid, signal.SIGINT)
     p.join(60)

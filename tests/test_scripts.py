@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -25,6 +29,29 @@ def test_command_overview_and_unknown_command():
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown command 'fitt'" in r.stderr
     r = run_elbolab("compare_guides", "--help")  # the module's name for the command: a hint, not a guess
     assert r.returncode == 2 and "compare-guides" in r.stderr
+
+
+def test_import_elbolab_and_the_command_overview_leave_torch_unimported():
+    """``import elbolab`` and ``elbolab --help`` load no torch (the API is imported on
+    first use); the API is there when asked for."""
+    code = ("import sys, elbolab; from elbolab.scripts import cli; cli.main(['--help']); "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert callable(elbolab.fit) and 'torch' in sys.modules; "
+            "from elbolab import load_run, models; print(sorted(set(elbolab.__all__) - set(dir(elbolab))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("[]"), r.stderr[-500:]
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_130():
+    """A SIGINT while ``elbolab evaluate`` still imports torch and Pyro ends it with its
+    one ``interrupted`` line and status 130, not a traceback."""
+    p = subprocess.Popen([sys.executable, "-c", "import sys; from elbolab.scripts.cli import main; "
+                          "sys.exit(main(['evaluate', 'no-such-run']))"],
+                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # the interpreter is up (tens of ms); importing torch takes seconds
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.splitlines() == ["elbolab evaluate: interrupted"], err[-500:]
 
 
 def test_fit_ppca_writes_a_run(tmp_path):
