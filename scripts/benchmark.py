@@ -1105,7 +1105,8 @@ def document(results: dict) -> list[str]:
             f"{results['load_average_after']} after; medians of {results['reps']} alternating repetitions; "
             + ("the main thread's CPU seconds" if results.get("clock") == "cpu" else "wall-clock seconds")
             + " (the threads section, compiling and the CS236 protocol: wall clock).", "",
-            *table(results)]
+            *table(results),
+            *[f"\nSection {name} failed: {error}" for name, error in results.get("errors", {}).items()]]
 
 
 @_cli.guarded(PROG)
@@ -1144,11 +1145,21 @@ def main(argv: list[str] | None = None) -> int:
                      "load_average_before": loadavg()}
     t0 = time.perf_counter()
     _clock[0] = CLOCKS[args.clock]
+    errors = {}
     try:
         for name in sections:
-            results[name] = RUNNERS[name](args, data)
+            try:
+                results[name] = RUNNERS[name](args, data)
+            except (UsageError, MemoryError):
+                raise
+            except Exception as e:  # noqa: BLE001 (a section's fault must not lose the sections measured)
+                errors[name] = f"{type(e).__name__}: {e}"
+                print(f"[{name}] failed, the other sections go on: {_cli.one_line(errors[name])[:300]}",
+                      file=sys.stderr)
     finally:
         _clock[0] = time.perf_counter
+    if errors:
+        results["errors"] = errors
     results["load_average_after"] = loadavg()
     results["seconds"] = time.perf_counter() - t0
     with run_dir:
@@ -1157,6 +1168,10 @@ def main(argv: list[str] | None = None) -> int:
             f.write("\n".join(document(results)) + "\n")
     print("\n".join(table(results)))
     print(f"-> {args.out}/results.json, {args.out}/table.md")
+    if errors:
+        print(f"{PROG}: error: section(s) {', '.join(errors)} failed (in results.json under errors); the others "
+              "were written", file=sys.stderr)
+        return 1
     return 0
 
 

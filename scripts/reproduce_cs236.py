@@ -134,14 +134,23 @@ def main(argv: list[str] | None = None) -> int:
     _reproduce.write(args.out, lines, {
         "protocol": "cs236", "command": cmd.strip(), "published": PUBLISHED, "units": "nats per datapoint",
         "ours": {n: {q: {"mean": v[0], "se": v[1]} for q, v in vals[n].items()} for n in names},
-        "runs": {n: {k: results[n][k] for k in ("steps", "epochs", "seconds", "test_log_likelihood",
-                                                  "test_importance", "test_active_units") if k in results[n]}
-                 for n in names},
+        "runs": {n: run_summary(results[n]) for n in names},
         "ais": {n: ais[n] for n in names},
     })
     print("\n".join(tab))
     print(f"-> {args.out}/table.md")
     return 0
+
+
+def run_summary(m: dict) -> dict:
+    """A fit's steps, epochs, training seconds, test log-likelihood and active units, from
+    its metrics."""
+    out = {k: m["run"][k] for k in ("steps", "epochs", "seconds")}
+    if "test_log_likelihood" in m["quantities"]:
+        out["test_log_likelihood"] = m["quantities"]["test_log_likelihood"]
+    if "test_active_units" in m["diagnostics"]:
+        out["test_active_units"] = m["diagnostics"]["test_active_units"]
+    return out
 
 
 if __name__ == "__main__":

@@ -276,6 +276,24 @@ def test_benchmark_yardstick_is_the_same_math(digits, objective):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
 
 
+def test_a_failing_benchmark_section_keeps_the_others(tmp_path, monkeypatch):
+    """A section that raises is recorded under ``errors`` and the program exits 1; the
+    sections measured before and after it are written (a KeyError in the last section
+    once lost a whole run's measurements)."""
+    import json
+
+    def broken(args, data):
+        raise KeyError("seconds")
+
+    monkeypatch.setitem(benchmark.RUNNERS, "profile", broken)
+    out = tmp_path / "bench"
+    assert benchmark.main(["--quick", "--sections", "train,profile,eval", "--reps", "1", "--out", str(out)]) == 1
+    res = json.loads((out / "results.json").read_text())
+    assert res["errors"] == {"profile": "KeyError: 'seconds'"} and "profile" not in res
+    assert res["train"]["digits"]["sides"]["driver"]["median"] > 0 and res["eval"]["share_of_matmul_rate"] > 0
+    assert "Section profile failed: KeyError: 'seconds'" in (out / "table.md").read_text()
+
+
 def test_benchmark_quick_run_writes_its_results(tmp_path):
     out = tmp_path / "bench"
     assert benchmark.main(["--quick", "--sections", "train,profile,eval", "--reps", "1", "--clock", "cpu",

@@ -29,6 +29,7 @@ def test_reproduce_cs236_tiny(tmp_path):
         run = json.loads((out / name / "metrics.json").read_text())
         assert run["run"]["steps"] == 40 and run["data"]["n_test"] == 10_000 and run["data"]["n_train"] == 60_000
         ours = m["ours"][name]
+        assert m["runs"][name]["steps"] == 40 and m["runs"][name]["seconds"] == run["run"]["seconds"] > 0
         t = run["diagnostics"]["test_importance"]
         assert ours["NELBO"]["mean"] == pytest.approx(-t["elbo"]["value"])
         assert ours["IWAE-10"]["mean"] <= ours["IWAE-1"]["mean"] == pytest.approx(ours["NELBO"]["mean"])
