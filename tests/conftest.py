@@ -8,8 +8,10 @@ oversubscribe them (a VAE fit took 31 s on one thread and 88 s on two here)."""
 
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported; inherited by child processes
 
@@ -37,9 +39,31 @@ def _fresh_state():
     np.random.seed(0)
     torch.manual_seed(0)
     threads = torch.get_num_threads()
+    sigint = signal.getsignal(signal.SIGINT), _sigint_state()
     yield
     torch.set_num_threads(threads)
     pyro.clear_param_store()
+    # a test (and so a code path of elbolab's) must leave Ctrl-C as it found it: a SIGINT
+    # ignored or killing would pass on to every later test's child processes, and to a
+    # user's session after the call
+    leaked = signal.getsignal(signal.SIGINT), _sigint_state()
+    if leaked != sigint:
+        signal.signal(signal.SIGINT, sigint[0])
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        raise AssertionError(f"the test left SIGINT changed (handler, (blocked, ignored) in the kernel): {sigint!r} "
+                             f"-> {leaked!r}")
+
+
+def _sigint_state() -> tuple[bool, bool]:
+    """Whether this thread blocks SIGINT and whether the process ignores it, as the kernel
+    sees it (a child process inherits both, whatever Python's own handler says)."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/status") as f:
+            status = dict(line.split(":", 1) for line in f)
+    except OSError:  # (no /proc: not Linux)
+        return False, False
+    bit = 1 << (signal.SIGINT - 1)
+    return bool(int(status["SigBlk"], 16) & bit), bool(int(status["SigIgn"], 16) & bit)
 
 
 def read_metrics(run_dir) -> dict:

@@ -1071,6 +1071,13 @@ def test_ctrl_c_during_a_fit_exits_130_naming_the_checkpoint(forks, tmp_path):
     assert_same_params(straight, run)
 
 
+def _as_from_a_terminal() -> None:
+    """SIGINT delivered and at its default in a child, as an interactive shell starts a
+    command (a child inherits a blocked or ignored SIGINT from the test's process)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_an_evaluation_exits_130(finished_run, tmp_path):
     """A real SIGINT to ``elbolab evaluate`` (a process of its own, as from a shell) during
     its estimate: status 130, one line, no output left. (Sent to a forkserver's child two
@@ -1079,7 +1086,7 @@ def test_ctrl_c_during_an_evaluation_exits_130(finished_run, tmp_path):
     out = tmp_path / "eval"
     p = subprocess.Popen([sys.executable, "-m", "elbolab.scripts.cli", "evaluate", str(finished_run), "--n-samples",
                           "1000000", "--threads", "1", "--out", str(out)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_terminal)
     try:
         # imports and loading take a few seconds, the estimate minutes; a SIGINT that lands
         # while the modules still load gets the same line and status (test_scripts.py)
