@@ -70,7 +70,8 @@ def load_checkpoint(path: str) -> Any:
 TRAINING_KEYS = ("state_dict", "global_step", "epoch", "loops", "callbacks", "optimizer_states", "lr_schedulers",
                  "elbolab", LIGHTNING_VERSION_KEY)
 WEIGHTS_KEYS = ("state_dict", "global_step")
-EXTRA_KEYS = ("torch_rng", "torch_rng_ranks", "python_rng", "history", "validations", "seconds")
+EXTRA_KEYS = ("torch_rng", "python_rng", "history", "validations", "seconds")  # the "elbolab" entry's
+EXTRA_OPTIONAL_KEYS = ("torch_rng_ranks",)  # each process's generator state: older checkpoints lack it
 
 
 class _Checker:
@@ -405,7 +406,7 @@ def _check_callbacks(c: _Checker, callbacks, config, epoch: int) -> None:
 
 
 def _check_extras(c: _Checker, extra, step: int, epoch: int) -> None:
-    c.keys("elbolab", extra, ("torch_rng", "python_rng", "history", "validations", "seconds"), ("torch_rng_ranks",))
+    c.keys("elbolab", extra, EXTRA_KEYS, EXTRA_OPTIONAL_KEYS)
     size = torch.get_rng_state().shape
     state = c.tensor("elbolab.torch_rng", extra["torch_rng"], torch.uint8, size)
     _check_torch_rng(c, "elbolab.torch_rng", state)

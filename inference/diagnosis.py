@@ -80,7 +80,6 @@ class Diagnosis:
     ppc: dict
     notes: list = field(default_factory=list)
     row_index: np.ndarray | None = None
-    local: frozenset = frozenset()
     plot_variables: list = field(default_factory=list)
     plot_caption: str = ""
 
@@ -97,7 +96,8 @@ def _describe(run) -> dict:
 
 
 def _rows(run, split: str | None, max_rows: int, global_latents: bool):
-    """(split name, x, training-row indices or None, row index in the split, labels)."""
+    """(split name, x, training-row indices or None, each row's index (in the training set
+    for training rows, else in the split: its first rows), labels)."""
     data, model = run.data, run.model
     where = getattr(run, "path", None) or "the run"
     if split is not None and split not in SPLITS:
@@ -123,7 +123,7 @@ def _rows(run, split: str | None, max_rows: int, global_latents: bool):
         x = x[:max_rows]
         rows = None if rows is None else rows[:max_rows]
         labels = None if labels is None else labels[:max_rows]
-    index = np.arange(x.shape[0])  # the first rows of the split: their index in it
+    index = np.arange(x.shape[0]) if rows is None else rows.cpu().numpy()
     return split, x, rows, index, None if labels is None else labels.cpu().numpy()
 
 
@@ -153,8 +153,6 @@ def diagnose(run, *, split: str | None = None, max_rows: int = 500, draws: int =
     probe = run.data.train[:2]
     global_latents = bool(global_latent_sites(model, probe, torch.arange(probe.shape[0])))
     split, x, rows, index, labels = _rows(run, split, max_rows, global_latents)
-    if rows is not None:
-        index = rows.cpu().numpy()  # training rows: their index in the training set
     t0 = time.perf_counter()
     idata = D.to_inference_data(model, x, rows, draws=draws, chains=chains, seed=seed, row_index=index,
                                 labels=labels)
@@ -216,7 +214,7 @@ def diagnose(run, *, split: str | None = None, max_rows: int = 500, draws: int =
     variables, caption, shown = plot_selection(idata, local, pareto)
     numbers["figures_show"] = shown
     numbers["seconds"] = time.perf_counter() - t0
-    return Diagnosis(idata, posteriors, numbers, table, pareto, loos, ppc, notes, index, local, variables, caption)
+    return Diagnosis(idata, posteriors, numbers, table, pareto, loos, ppc, notes, index, variables, caption)
 
 
 def _guide_sites(idata) -> list[str]:
@@ -254,7 +252,7 @@ def plot_selection(idata, local: frozenset, pareto: np.ndarray | None) -> tuple[
     if pareto is not None and np.isfinite(pareto).any():
         k = np.where(np.isnan(pareto), -np.inf, pareto)
         order = np.argsort(k, kind="stable")  # ascending; undetermined rows first
-        known = order[np.isfinite(k[order])] if np.isfinite(k).any() else order
+        known = order[np.isfinite(k[order])]
         picks = [known[-1], known[len(known) // 2], known[0]]
         why_rows = "the rows with the highest, median and lowest Pareto k of their importance weights"
     else:
@@ -304,12 +302,6 @@ def _percent(share) -> str:
     return "undetermined" if share is None else f"{100 * share:.1f}%"
 
 
-def per_row(loo: dict, key: str) -> float:
-    """An elpd (``elpd_loo``, ``elpd_waic``) or its standard error per datapoint: the sum over
-    rows divided by their number."""
-    return loo[key] / loo["n_rows"]
-
-
 def summary_markdown(result: Diagnosis, files: list[str]) -> str:
     n = result.numbers
     name = os.path.basename(n["run"]) if n.get("run") else "run"
@@ -347,9 +339,9 @@ def summary_markdown(result: Diagnosis, files: list[str]) -> str:
     lines += ["", "| posterior | elpd_loo per row | ± se per row | p_loo | loo k > 0.7 | elpd_waic per row | p_waic "
               "| elpd_loo, sum over rows |", "|---|---|---|---|---|---|---|---|"]
     for post_name, r in n["loo"].items():
-        lines.append(f"| {post_name} | {per_row(r, 'elpd_loo'):.3f} | {per_row(r, 'elpd_loo_se'):.3f} | "
+        lines.append(f"| {post_name} | {r['elpd_loo_per_row']:.3f} | {r['elpd_loo_se_per_row']:.3f} | "
                      f"{r['p_loo']:.2f} | {_percent(r['loo_pareto_k']['share_above_0.7'])} | "
-                     f"{per_row(r, 'elpd_waic'):.3f} | {r['p_waic']:.2f} | {r['elpd_loo']:.2f} ± {r['elpd_loo_se']:.2f} |")
+                     f"{r['elpd_waic_per_row']:.3f} | {r['p_waic']:.2f} | {r['elpd_loo']:.2f} ± {r['elpd_loo_se']:.2f} |")
     lines += ["", "![LOO Pareto k](loo_pareto_k.png)", "", "## Posterior predictive checks", "",
               "p = P(T(replicated) >= T(observed)) over the draws: near 0 or 1 is a misfit the statistic sees.", "",
               "| statistic | observed | replicated mean ± sd | p |", "|---|---|---|---|"]
@@ -443,5 +435,5 @@ def summary_line(numbers: dict) -> str:
         line += f"guide Pareto k {n['guide_pareto_k']['k']:.2f}"
     loo = n["loo"].get("variational")
     if loo:
-        line += f"; elpd_loo {per_row(loo, 'elpd_loo'):.3f} ± {per_row(loo, 'elpd_loo_se'):.3f}"
+        line += f"; elpd_loo {loo['elpd_loo_per_row']:.3f} ± {loo['elpd_loo_se_per_row']:.3f}"
     return line + " nats per row"

@@ -260,7 +260,7 @@ def _scatter_pair(ax, dx: dict, dy: dict, names: list[str], max_points: int) -> 
             continue
         color = method_color(name, names.index(name))
         ref = name in REFERENCES
-        step = max(1, dx[name].size // max_points)
+        step = max(1, -(-dx[name].size // max_points))  # (rounded up: at most max_points)
         ax.scatter(dx[name][::step], dy[name][::step], s=4 if ref else 5, color=color, alpha=0.25 if ref else 0.5,
                    lw=0, zorder=1 if ref else 2)
         _ellipse(ax, dx[name], dy[name], color, lw=1.6, ls="--" if ref else "-", zorder=3)

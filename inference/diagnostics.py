@@ -659,12 +659,14 @@ def loo_waic(idata, var_name: str | None = None, reff: float | None = 1.0) -> di
     k = np.asarray(loo.pareto_k, dtype=np.float64)
     k = np.where(np.isposinf(k), np.nan, k)  # psislw's +inf: too few draws for the tail fit
     n_rows = int(k.size)
+    elpd_loo, loo_se, elpd_waic, waic_se = float(loo.elpd_loo), float(loo.se), float(waic.elpd_waic), float(waic.se)
     return {
         "n_rows": n_rows,
-        "elpd_loo": float(loo.elpd_loo), "elpd_loo_se": float(loo.se), "p_loo": float(loo.p_loo),
-        "elpd_loo_per_row": float(loo.elpd_loo) / n_rows,
+        "elpd_loo": elpd_loo, "elpd_loo_se": loo_se, "p_loo": float(loo.p_loo),
+        "elpd_loo_per_row": elpd_loo / n_rows, "elpd_loo_se_per_row": loo_se / n_rows,
         "loo_pareto_k": pareto_k_summary(k, int(loo.n_samples)),
-        "elpd_waic": float(waic.elpd_waic), "elpd_waic_se": float(waic.se), "p_waic": float(waic.p_waic),
+        "elpd_waic": elpd_waic, "elpd_waic_se": waic_se, "p_waic": float(waic.p_waic),
+        "elpd_waic_per_row": elpd_waic / n_rows, "elpd_waic_se_per_row": waic_se / n_rows,
         "pointwise_loo": np.asarray(loo.loo_i), "pointwise_k": k,
     }
 

@@ -123,10 +123,10 @@ def write_samples(result: dict, data, out: str, title: str = "") -> list[str]:
         plots.labelled_grid([("prior", result["prior"])], shape, os.path.join(out, "prior_samples.png"),
                             f"{label}: means of p(x | z) for {len(result['prior'])} draws z ~ p(z)", ncols=10)
         m = len(result["reconstructions"])
-        plots.labelled_grid([("data", result["data"][:m]), ("recon.", result["reconstructions"])], shape,
-                            os.path.join(out, "reconstructions.png"),
-                            f"{label}: {split} rows (data) and the means of p(x | z = E_q[z|x]) (recon.)", ncols=10,
-                            interleave=True)
+        plots.reconstruction_grid(result["data"][:m], result["reconstructions"], shape,
+                                  os.path.join(out, "reconstructions.png"),
+                                  f"{label}: {split} rows (data) and the means of p(x | z = E_q[z|x]) (recon.)",
+                                  ncols=10)
         a, b = result["pair"]
         row = np.concatenate([result["pair_data"][:1], result["interpolation"], result["pair_data"][1:]])
         plots.labelled_grid([("", row)], shape, os.path.join(out, "interpolation.png"),

@@ -251,7 +251,7 @@ def builtin_subject(family: str, data: DataSpec = DataSpec(binarize="auto"), mod
         return models.build_model(family, {**values, "guide": OWN_GUIDE[family][guide]}, splits.data_dim,
                                   splits.n_train)
 
-    exact = isinstance(make(GUIDES[family][0]), ExactLikelihood)
+    exact = issubclass(models.REGISTRY[family][1], ExactLikelihood)
     return restrict(Subject(family, splits, config, GUIDES[family], values, make, exact), guides)
 
 

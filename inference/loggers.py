@@ -31,12 +31,13 @@ def available(name: str) -> bool:
     return name in LOGGERS
 
 
-def check_logger(name: str) -> None:
-    """Refuse an unknown logger, or tensorboard without its package (before any work)."""
+def check_logger(name: str, what: str = "logger") -> None:
+    """Refuse an unknown logger, or tensorboard without its package (before any work);
+    the error calls the setting ``what`` (a program: its flag)."""
     if name not in LOGGERS:
-        raise UsageError(f"logger must be one of {', '.join(LOGGERS)}, got {name!r}")
+        raise UsageError(f"{what} must be one of {', '.join(LOGGERS)}, got {name!r}")
     if not available(name):
-        raise UsageError(f"logger {name} needs the tensorboard package, which is not installed: {INSTALL}")
+        raise UsageError(f"{what} {name} needs the tensorboard package, which is not installed: {INSTALL}")
 
 
 def make_logger(name: str, out_dir: str | None):

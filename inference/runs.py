@@ -32,6 +32,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from elbolab.inference.errors import Interrupted, UsageError
 from elbolab.inference.evaluate import (IWAELadder, active_units, elbo_estimate, elbo_terms, global_latent_sites,
                                         log_likelihood_seed, test_log_likelihood)
 from elbolab.inference.files import TMP_PREFIX, remove_temporaries, save_json
+from elbolab.inference.loggers import LOG_DIR
 from elbolab.inference.traces import DATA_PLATE, infers_new_rows, latent_names
 from elbolab.inference.train import check_objective_for_model, fit
 from elbolab.inference.train_config import MAX_TENSOR_ELEMENTS, TrainConfig, check_config_for_data, rows_per_batch
@@ -67,9 +69,15 @@ PYTHON = "<python>"  # the model of a run fit from Python: load_run needs it (an
 FROM_PYTHON = "arguments"  # the data of such a run: the arguments given to elbolab.fit
 LOCK = ".lock"
 MAX_CONFIG_BYTES = 1 << 24  # a config.json is a few kB; 16 MiB is refused unread
-# what elbolab writes into a run directory (fit, evaluate, diagnose, report): files of
-# these kinds are an old run's when --overwrite replaces it
-RUN_FILE_SUFFIXES = (".json", ".ckpt", ".csv", ".png", ".pt", ".nc", ".md", ".html", ".txt", ".svg", ".pdf")
+# the files elbolab writes into a fit's run directory: fit (and elbolab.fit), evaluate
+# (--out defaulting to the run), diagnose (likewise), sample --out RUN_DIR, the reproduce
+# scripts' ais.json; these are an old run's when --overwrite replaces it, anything else is
+# the user's and is refused. Figures (.png) by suffix: only elbolab draws into a run.
+RUN_FILES = frozenset({CONFIG, METRICS, EVALUATION, ARGUMENTS, CHECKPOINT, HISTORY, "ais.json",
+                       "diagnostics.json", "diagnostics.nc", "summary.csv", "summary.md",
+                       "samples.json", "samples.npz"})
+RUN_FIGURE_SUFFIX = ".png"
+RUN_REFERENCE_POSTERIORS = ("diagnostics_", ".nc")  # diagnose's diagnostics_exact.nc, diagnostics_nuts.nc
 N_SAMPLES = 1000  # default importance samples per row for the test log-likelihood
 EVAL_PARTICLES = 10  # default draws per row for the reported ELBO
 # automatic guides a model function can be given by name
@@ -385,6 +393,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def is_run_file(name: str) -> bool:
+    """Whether a file named ``name`` in a run directory is one elbolab writes there."""
+    prefix, suffix = RUN_REFERENCE_POSTERIORS
+    return (name in RUN_FILES or name.startswith(TMP_PREFIX) or name.endswith(RUN_FIGURE_SUFFIX)
+            or (name.startswith(prefix) and name.endswith(suffix)))
+
+
 class RunDir:
     """An output directory: refused if it holds files (unless ``overwrite`` or ``resume``);
     locked while a run writes it (a second writer is refused).
@@ -403,8 +418,9 @@ class RunDir:
     ``replace_run``: the directory is to hold one run (``fit``): with ``overwrite`` the
     old run's files are removed once the lock is held, before anything is written, so
     that nothing of it (a picture another model made, an evaluation) stays beside the
-    new run. Only what elbolab writes is removed: a directory that also holds other
-    entries (subdirectories, files of other kinds) is refused, not emptied."""
+    new run. Only what elbolab writes is removed (:func:`is_run_file`, and the logger's
+    ``lightning_logs`` directory, whole): a directory that also holds other entries (other
+    subdirectories, symbolic links, files elbolab does not write) is refused, not emptied."""
 
     def __init__(self, path: str, overwrite: bool = False, resume: bool = False, rank: int = 0,
                  refusal: str = "pass overwrite=True to replace what it holds", replace_run: bool = False,
@@ -417,20 +433,27 @@ class RunDir:
         self._fd: int | None = None
 
     def old_run_files(self) -> list[str]:
-        """The entries an overwrite removes (all but the lock); UsageError if one is not a
-        file elbolab writes, or is one of the run's own inputs (its data)."""
+        """The entries an overwrite removes (all but the lock): files elbolab writes
+        (:func:`is_run_file`) and the logger's directory. UsageError if another entry is
+        there, or one of the run's own inputs (its data)."""
         if not os.path.isdir(self.path):
             return []
         names = sorted(f for f in os.listdir(self.path) if f != LOCK)
         for name in names:
             p = self.file(name)
-            if (os.path.islink(p) or not os.path.isfile(p)
-                    or not (name.startswith(TMP_PREFIX) or name.endswith(RUN_FILE_SUFFIXES))):
-                raise UsageError(f"{self.path}: holds {name}, which no elbolab run writes; overwriting replaces a "
-                                 "run's files only: remove it, or choose another directory")
+            if name == LOG_DIR and os.path.isdir(p) and not os.path.islink(p):
+                # the Lightning logger's directory (--logger csv / tensorboard), removed whole
+                inside = os.path.realpath(p) + os.sep
+                if any(i.startswith(inside) for i in self.inputs):
+                    raise UsageError(f"{self.path}: {name} holds a file this run reads; overwriting would remove "
+                                     "it: move it, or choose another directory")
+                continue
             if os.path.realpath(p) in self.inputs:
                 raise UsageError(f"{self.path}: holds {name}, which this run reads; overwriting would remove it: "
                                  "move it, or choose another directory")
+            if os.path.islink(p) or not os.path.isfile(p) or not is_run_file(name):
+                raise UsageError(f"{self.path}: holds {name}, which no elbolab run writes; overwriting replaces a "
+                                 "run's files only: remove it, or choose another directory")
         return names
 
     def check(self) -> None:
@@ -469,8 +492,12 @@ class RunDir:
         remove_temporaries(self.path)
         if self.replace_run:
             for name in self.old_run_files():
+                p = self.file(name)
+                if name == LOG_DIR and os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p)
+                    continue
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.file(name))
+                    os.unlink(p)
         atexit.register(self._unlock)
         return self
 

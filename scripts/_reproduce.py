@@ -72,8 +72,6 @@ def mnist_spec(data_dir: str) -> dict:
 def check_out(args) -> None:
     if args.overwrite and args.reuse:
         raise UsageError("--overwrite and --reuse exclude each other")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out}: exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not (args.overwrite or args.reuse):
         raise UsageError(f"--out {args.out}: the directory is not empty; pass --reuse to keep its finished runs "
                          "or --overwrite to retrain them")

@@ -156,7 +156,7 @@ def build_parser():
                    help="rows simulated from each trained model for the BDMC check of its AIS (same budget)")
     a.add_argument("--bdmc-tolerance", type=_cli.positive_float, default=AISSettings.tolerance,
                    help="an AIS log p(x) is reliable when BDMC's gap + 2 standard errors is at most this (nats)")
-    _cli.add_out_args(p, what="where compare.md, metrics.json and gaps.png go")
+    _cli.add_out_args(p)
     return p
 
 

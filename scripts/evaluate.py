@@ -25,8 +25,7 @@ from elbolab.inference.ais import Budget
 from elbolab.inference.diagnostics import ParetoK, reliability_note
 from elbolab.inference.errors import UsageError
 from elbolab.inference.files import save_json
-from elbolab.inference.runs import ESTIMATORS, EVALUATION, RunDir, check_value, evaluate_split
-from elbolab.inference.train_config import MAX_SEED
+from elbolab.inference.runs import ESTIMATORS, EVALUATION, RunDir, evaluate_split
 from elbolab.scripts import _cli
 
 PROG = "elbolab evaluate"
@@ -102,8 +101,6 @@ def summary_line(run, args, result: dict) -> str:
 @_cli.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.seed is not None:
-        check_value("--seed", "value", args.seed, int, low=0, high=MAX_SEED - 1)
     ais = budget(args)
     n_samples = args.n_samples or N_SAMPLES
     run, out_dir = _cli.open_run(args.run_dir, args.out, args.threads)

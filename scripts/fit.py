@@ -33,7 +33,7 @@ from elbolab.inference import distributed
 from elbolab.inference.diagnostics import reliability_note
 from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import tune_malloc
-from elbolab.inference.loggers import INSTALL, LOGGERS, available
+from elbolab.inference.loggers import check_logger
 from elbolab.inference.runs import (EVAL_PARTICLES, N_SAMPLES, EvalSpec, RunSpec, distance_to_closed_form, fit_run,
                                     is_reference)
 from elbolab.inference.traces import DATA_PLATE
@@ -100,9 +100,8 @@ def spec_from_args(args):
     (``models.train_defaults``); and the data, loaded."""
     evals = EvalSpec(args.eval_particles or EVAL_PARTICLES, args.n_samples or N_SAMPLES)
     given = _cli.config_args(args, TrainConfig, args.train_fields)
-    if given.get("logger") is not None and given["logger"] in LOGGERS and not available(given["logger"]):
-        raise UsageError(f"--logger {given['logger']} needs the tensorboard package, which is not installed: "
-                         f"{INSTALL}")
+    if given.get("logger") is not None:
+        check_logger(given["logger"], "--logger")
     if is_reference(args.model):
         stray = [n for n in args.model_fields if getattr(args, n) is not None]
         if stray:

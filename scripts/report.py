@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from elbolab.inference import diagnosis
 from elbolab.inference.errors import UsageError
+from elbolab.inference.evaluate import tune_malloc
 from elbolab.inference.files import atomic_write, save_json
 from elbolab.models.datasources import DataSplits
 from elbolab.inference.runs import DataSpec, RunDir, RunSpec, fit_run, read_run, resolve_binarize
@@ -496,7 +497,6 @@ def stage_vae(study: Study, doc: Document) -> str:
 def stage_gaps(study: Study, doc: Document) -> str:
     from elbolab.inference import guide_study
     from elbolab.inference.compare import LocalSettings
-    from elbolab.inference.evaluate import tune_malloc
 
     heading = "Amortized against per-datapoint guides: the inference gap"
     a, out = study.args, os.path.join(study.out, "gaps")
@@ -523,7 +523,6 @@ def stage_gaps(study: Study, doc: Document) -> str:
     settings = guide_study.StudySettings(n_rows=budget.get("n_rows", guide_study.StudySettings.n_rows),
                                          n_samples=study.budget["n_samples"], seed=study.seed,
                                          local=LocalSettings(**budget.get("local", {})))
-    tune_malloc()  # as compare-guides does: the study's chunked evaluations of K x rows tensors
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "log.txt"), "w") as log:  # the study's progress lines: not the terminal's
         metrics = guide_study.run_guide_study(subjects, RunDir(out, overwrite=True), settings,
@@ -637,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir DIR holding its IDX files")
     _cli.check_data_args(args)
     _cli.set_threads(args.threads)
+    tune_malloc()  # process-wide, for every stage's chunked evaluations of K x rows tensors
     command = " ".join(argv if argv is not None else sys.argv[1:])
     # the data loaded and checked: bad data are refused before anything is written
     study = Study(args, f"{PROG} {command}")

@@ -174,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         d = os.path.join(args.data_root, DATASETS[name])
         if not os.path.isdir(d):
             raise UsageError(f"--data-root {args.data_root}: no {DATASETS[name]}/ directory with the {name} IDX files")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out}: exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not (args.overwrite or args.reuse):
         raise UsageError(f"--out {args.out}: the directory is not empty; pass --reuse to keep its finished models "
                          "or --overwrite to redo them")

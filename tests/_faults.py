@@ -82,25 +82,10 @@ def run_cli(argv: list[str], log: str | None = None, address_space: int | None =
         with open("/proc/self/status") as f:
             mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
         resource.setrlimit(resource.RLIMIT_AS, (mapped + address_space, resource.RLIM_INFINITY))
-    from elbolab.scripts import cli
-
     code = cli.main(argv)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def open_path(path: str, conn) -> None:
-    """Open ``path`` as the data loader would and report what happened (a FIFO must not
-    block the open: the parent kills this child if it never reports)."""
-    _quiet(None)
-    from elbolab.models.resources import open_regular
-
-    try:
-        open_regular(path).close()
-        conn.send("opened")
-    except Exception as e:  # the refusal, reported to the parent
-        conn.send(f"{type(e).__name__}: {e}")
 
 
 def state(n: int) -> dict:

@@ -4,6 +4,7 @@ diagnose.py's answers to bad input."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -87,7 +88,16 @@ def test_diagnose_writes_every_output_and_leaves_the_run_alone(runs, name):
     else:
         assert n["latents"] == "per row" and n["n_rows"] == 25
         assert idata.posterior["z"].dims == ("chain", "draw", "row", "latent")
-        assert n["figures_show"]["rows"] and len(n["figures_show"]["rows"]) <= 3  # the rows the figures show
+        # the rows the figures show: those with the highest, median and lowest Pareto k, the
+        # highest being the maximum k of the json's summary
+        shown = n["figures_show"]
+        assert shown["why_rows"] == "the rows with the highest, median and lowest Pareto k of their importance weights"
+        assert len(set(shown["rows"])) == 3 and set(shown["rows"]) <= set(idata.posterior["row"].values.tolist())
+        caption = re.search(rf"The figures show {shown['variables'][0]} of rows ([\d, ]+) \(k = ([^)]+)\) of 25:", md)
+        assert [int(r) for r in caption.group(1).split(", ")] == shown["rows"]
+        ks = caption.group(2).split(", ")
+        assert ks[0] == f"{n['importance_log_likelihood']['pareto_k']['max']:.2f}"
+        assert [float(v) for v in ks] == sorted((float(v) for v in ks), reverse=True)
         # the digits' rows carry their class labels as a coordinate along row
         assert idata.posterior["label"].dims == ("row",) and set(idata.posterior["label"].values) <= set(range(10))
         pk = n["importance_log_likelihood"]["pareto_k"]

@@ -1,9 +1,11 @@
 """Figures show what they must: read back from the matplotlib objects each plotting
-function returns (not only that a file exists). Data limits inside the axes' limits, a
-reference line inside the y range, one panel per variable where scales differ, legend
-entries present, labels carrying the variable's name on every row. The posteriors are
-built from closed-form Gaussian draws, so the numbers the figures print (variance ratios)
-are checked against 1 - rho^2 too."""
+function returns (not only that a file exists). Data inside the axis limits a function
+sets (where matplotlib autoscales, the limits always hold the data: not checked), a
+reference line inside the y range, the points plotted being the draws or means they
+stand for, one panel per variable where scales differ, legend entries present, labels
+carrying the variable's name on every row. The posteriors are built from closed-form
+Gaussian draws, so the numbers the figures print (variance ratios) are checked against
+1 - rho^2 too."""
 
 import math
 
@@ -93,8 +95,14 @@ def test_interval_comparison_shows_the_mean_field_under_estimate(posteriors, tmp
     ell = axes[2]
     labels = [t.get_text() for t in ell.get_legend().get_texts()]
     assert set(labels) == set(names)
-    xs, ys = _line_data(ell)
-    assert _inside((xs.min(), xs.max()), ell.get_xlim()) and _inside((ys.min(), ys.max()), ell.get_ylim())
+    # the reference's ellipse filled underneath every outline, holding 94% of the reference's draws
+    (shade,) = ell.patches
+    ref = next(line for line in ell.lines if line.get_label() == "exact")
+    np.testing.assert_allclose(shade.get_xy()[:len(ref.get_xydata())], ref.get_xydata())
+    assert shade.get_zorder() < min(line.get_zorder() for line in ell.lines)
+    draws = posteriors["exact"].posterior["loc"].values.reshape(-1, 2)
+    inside = ref.get_path().contains_points(draws).mean()
+    assert inside == pytest.approx(P.INTERVAL, abs=0.02)  # binomial s.e. over 4000 draws: 0.004
     # the mean-field ellipse is axis-aligned: its points' correlation is ~0; the exact one's is RHO
     for line in ell.lines:
         c = np.corrcoef(line.get_xdata(), line.get_ydata())[0, 1]
@@ -108,10 +116,11 @@ def test_forest_has_one_panel_per_variable_and_full_labels(posteriors, tmp_path)
     fig = P.forest_plot(posteriors, ["loc", "precision"], str(tmp_path / "forest.png"), "t")
     loc_ax, *prec_axes = fig.axes
     assert "loc" in loc_ax.get_xlabel() and all("precision" in ax.get_xlabel() for ax in prec_axes)
-    # loc (sd 0.03) and precision (about +-8) on separate axes, each fitted to its own draws
+    # every interval inside the y range each panel sets; loc (sd 0.03) and precision (about
+    # +-8) on separate axes, each fitted to its own draws
     for ax in fig.axes:
-        xs, ys = _line_data(ax)
-        assert _inside((xs.min(), xs.max()), ax.get_xlim()) and _inside((ys.min(), ys.max()), ax.get_ylim())
+        _, ys = _line_data(ax)
+        assert _inside((ys.min(), ys.max()), ax.get_ylim())
     assert np.ptp(loc_ax.get_xlim()) < 1 < max(abs(np.mean(ax.get_xlim())) for ax in prec_axes)
     assert [t.get_text() for t in loc_ax.get_yticklabels()] == ["loc[0]", "loc[1]"]
     # every row names its variable; the symmetric precision shows its lower triangle only, and its
@@ -138,8 +147,8 @@ def test_pair_plot_draws_every_posterior_visibly(posteriors, tmp_path):
         # one 94% ellipse outline per posterior, drawn over the points: none is hidden
         assert len(ax.lines) == len(posteriors) and min(line.get_zorder() for line in ax.lines) > max(
             c.get_zorder() for c in ax.collections)
-        xs, ys = _line_data(ax)
-        assert _inside((xs.min(), xs.max()), ax.get_xlim()) and _inside((ys.min(), ys.max()), ax.get_ylim())
+        # the references' ellipses (exact, NUTS) dashed, the guides' solid
+        assert sorted(line.get_linestyle() for line in ax.lines) == ["-", "-", "--", "--"]
         # the references (exact, NUTS) underneath the guides
         z = {tuple(np.round(c.get_facecolor()[0][:3], 3)): c.get_zorder() for c in ax.collections
              if isinstance(c, PathCollection)}
@@ -147,14 +156,24 @@ def test_pair_plot_draws_every_posterior_visibly(posteriors, tmp_path):
     assert {t.get_text() for t in fig.legends[0].get_texts()} == set(posteriors)
 
 
+@pytest.mark.parametrize("max_points", [7, 300])
+def test_pair_plot_shows_at_most_max_points_per_posterior(posteriors, tmp_path, max_points):
+    """Each posterior's scatter is thinned to at most ``max_points`` draws, and to more
+    than half of them (a step rounded down drew up to twice as many: 308 of 4000 at 300)."""
+    fig = P.pair_plot(posteriors, ["loc"], str(tmp_path / "pair.png"), "t", max_points=max_points)
+    sizes = [len(c.get_offsets()) for ax in fig.axes for c in ax.collections if isinstance(c, PathCollection)]
+    assert N > 2 * max_points  # (every posterior has N draws: thinning applies)
+    assert len(sizes) == len(posteriors) and all(max_points // 2 < size <= max_points for size in sizes), sizes
+
+
 def test_posterior_plot_one_panel_per_element(posteriors, tmp_path):
     fig = P.posterior_plot(posteriors, ["loc", "precision"], str(tmp_path / "post.png"), "t")
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in visible] == ["loc[0]", "loc[1]", "precision[0, 0]", "precision[1, 0]",
                                                   "precision[1, 1]"]
-    for ax in visible:
-        xs, ys = _line_data(ax)
-        assert _inside((xs.min(), xs.max()), ax.get_xlim()) and _inside((ys.min(), ys.max()), ax.get_ylim())
+    for ax in visible:  # every density and interval bar inside the y range the panel sets
+        _, ys = _line_data(ax)
+        assert _inside((ys.min(), ys.max()), ax.get_ylim())
     # the suptitle sits above every panel (constrained layout: no overlap)
     fig.canvas.draw()
     title_box = fig._suptitle.get_window_extent()
@@ -224,9 +243,7 @@ def test_latent_scatter_and_image_grids(tmp_path):
     labels = np.arange(200) % 4
     fig = plots.latent_scatter(means, labels, str(tmp_path / "m.png"), "t")
     ax = fig.axes[0]
-    off = ax.collections[0].get_offsets()
-    assert _inside((off[:, 0].min(), off[:, 0].max()), ax.get_xlim())
-    assert _inside((off[:, 1].min(), off[:, 1].max()), ax.get_ylim())
+    np.testing.assert_array_equal(ax.collections[0].get_offsets(), means)  # two latents: the means themselves
     assert fig.axes[1].get_ylabel() == "class label"  # the colour bar says what the colours are
     images = rng.uniform(size=(25, 64))
     fig = plots.labelled_grid([("data", images[:12]), ("recon.", images[12:24])], (8, 8), str(tmp_path / "g.png"),
@@ -239,11 +256,11 @@ def test_pair_plot_of_per_row_latents_pairs_within_each_row(tmp_path):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(400, 3, 2, generator=g) * torch.tensor([1.0, 0.2]) + torch.tensor([[5.0, -2.0]])
     idata = D.samples_to_inference_data({"z": z}, 2, local={"z"}, row_index=np.array([4, 9, 20]))
-    fig = P.pair_plot({"variational": idata}, [("z", {"row": [4, 9, 20]})], str(tmp_path / "p.png"), "t")
+    fig = P.pair_plot({"variational": idata}, [("z", {"row": [4, 9, 20]})], str(tmp_path / "p.png"), "t",
+                      max_points=400)
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert len(axes) == 3
-    for ax, row in zip(axes, (4, 9, 20)):
+    for i, (ax, row) in enumerate(zip(axes, (4, 9, 20))):
         assert ax.get_xlabel() == f"z[row {row}, latent 0]" and ax.get_ylabel() == f"z[row {row}, latent 1]"
-        off = ax.collections[0].get_offsets()
-        assert _inside((off[:, 0].min(), off[:, 0].max()), ax.get_xlim())
-        assert _inside((off[:, 1].min(), off[:, 1].max()), ax.get_ylim())
+        # its points are that row's draws (all 400: max_points), latent 0 against latent 1
+        np.testing.assert_array_equal(ax.collections[0].get_offsets(), z[:, i].numpy())

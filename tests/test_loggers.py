@@ -42,6 +42,21 @@ def test_without_a_logger_nothing_but_history(tmp_path):
     assert not (out / "lightning_logs").exists() and (out / "history.csv").is_file()
 
 
+def test_overwrite_replaces_the_loggers_directory(tmp_path):
+    """--overwrite on a run fit with --logger csv removes its lightning_logs: the new
+    run's logger starts again at version_0, and a new run without a logger leaves none."""
+    out = tmp_path / "run"
+    assert fit_script.main([*TINY, "--logger", "csv", "--out", str(out)]) == 0
+    (out / "lightning_logs" / "version_0" / "old.txt").write_text("the old run's")
+    assert fit_script.main([*TINY, "--epochs", "1", "--logger", "csv", "--overwrite", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "lightning_logs").iterdir()) == ["version_0"]
+    assert not (out / "lightning_logs" / "version_0" / "old.txt").exists()
+    logged = _rows(out / "lightning_logs" / "version_0" / "metrics.csv")
+    assert max(int(r["step"]) for r in logged) == 13  # the new run's 1 epoch, not the old run's 3
+    assert fit_script.main([*TINY, "--epochs", "1", "--overwrite", "--out", str(out)]) == 0
+    assert not (out / "lightning_logs").exists() and (out / "history.csv").is_file()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None
                     or importlib.util.find_spec("tensorboardX") is not None,
                     reason="tensorboard is installed here: the refusal cannot be seen")

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import select
 import pickle
 import random
 import shutil
@@ -395,6 +396,25 @@ def test_csv_fuzz_through_fit(case, capsys):
             assert np.array_equal(loaders.load_matrix(path), np.array(case["values"], dtype=np.float64))
         else:
             assert rows_loaded(line) is None and path in line and what in line, (line, what)
+
+
+@pytest.mark.parametrize("shape, high", [((100_000, 1), 10), ((2_000, 64), 17)])
+def test_csv_parsing_stays_within_its_memory_factor(tmp_path, shape, high):
+    """The memory checked before a CSV is parsed (CSV_MEMORY_FACTOR times the file)
+    covers what parsing takes: small integers, the most values per byte of text."""
+    import tracemalloc
+
+    x = np.random.default_rng(0).integers(0, high, shape)
+    path = tmp_path / "x.csv"
+    np.savetxt(path, x, fmt="%d", delimiter=",")
+    tracemalloc.start()
+    try:
+        got = loaders._read_csv(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(got, x)
+    assert peak <= loaders.CSV_MEMORY_FACTOR * os.path.getsize(path)
 
 
 # ---------------------------------------------------------------- the audit: each path by name
@@ -1080,17 +1100,20 @@ def _as_from_a_terminal() -> None:
 
 def test_ctrl_c_during_an_evaluation_exits_130(finished_run, tmp_path):
     """A real SIGINT to ``elbolab evaluate`` (a process of its own, as from a shell) during
-    its estimate: status 130, one line, no output left. (Sent to a forkserver's child two
-    seconds after its start instead, it was lost twice in a full suite under load: the
-    evaluation ran on until killed.)"""
-    out = tmp_path / "eval"
-    p = subprocess.Popen([sys.executable, "-m", "elbolab.scripts.cli", "evaluate", str(finished_run), "--n-samples",
-                          "1000000", "--threads", "1", "--out", str(out)], stdout=subprocess.PIPE,
+    its estimate, after its modules have loaded (a SIGINT while they load is the
+    command's own handler: test_scripts.py): status 130 and one line, from the program's
+    interrupt handling. (Sent to a forkserver's child two seconds after its start, it was
+    lost in full suites under load: the evaluation ran on until killed.)"""
+    code = ("import sys; import elbolab.scripts.evaluate; print('loaded', flush=True); "
+            "from elbolab.scripts.cli import main; sys.exit(main(sys.argv[1:]))")
+    p = subprocess.Popen([sys.executable, "-c", code, "evaluate", str(finished_run), "--n-samples", "1000000",
+                          "--threads", "1", "--out", str(tmp_path / "eval")], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_terminal)
     try:
-        # imports and loading take a few seconds, the estimate minutes; a SIGINT that lands
-        # while the modules still load gets the same line and status (test_scripts.py)
-        time.sleep(5.0)
+        ready, _, _ = select.select([p.stdout], [], [], 120)
+        assert ready and p.stdout.readline().strip() == "loaded", "the child did not load its modules"
+        time.sleep(2.0)  # loading the run takes well under a second; the estimate at K = 10^6, minutes
+        assert p.poll() is None, "the evaluation ended before the SIGINT"
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     finally:
@@ -1098,7 +1121,6 @@ def test_ctrl_c_during_an_evaluation_exits_130(finished_run, tmp_path):
             p.kill()
             p.communicate()
     assert p.returncode == 130 and err.splitlines() == ["elbolab evaluate: interrupted"], err[-500:]
-    assert not out.exists()
 
 
 class InterruptedPPCA(models.ppca.PPCA):
@@ -1748,7 +1770,20 @@ def test_overwrite_never_removes_the_runs_own_data(tmp_path, capsys):
                     "move it, or choose another directory")
 
 
-@pytest.mark.parametrize("foreign", ["notes.txt/", "thesis.docx", "link.png@"])
+@pytest.mark.parametrize("foreign", ["notes.txt", "README.md", "figure.svg"])
+def test_overwrite_keeps_a_users_notes(finished_run, tmp_path, capsys, foreign):
+    """Only the files elbolab writes are an old run's: a user's notes or a figure of
+    a kind elbolab never draws make --overwrite refuse, and survive it."""
+    run = copy_run(finished_run, tmp_path)
+    (run / foreign).write_text("mine")
+    before = sorted(os.listdir(run))
+    line = refused(capsys, [*TINY, "--epochs", "1", "--overwrite"], run)
+    assert line == (f"elbolab fit: error: {run}: holds {foreign}, which no elbolab run writes; overwriting replaces "
+                    "a run's files only: remove it, or choose another directory")
+    assert sorted(os.listdir(run)) == before and (run / foreign).read_text() == "mine"
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt/", "thesis.docx", "link.png@", "lightning_logs@"])
 def test_overwrite_refuses_a_directory_holding_more_than_a_run(finished_run, tmp_path, capsys, foreign):
     """--overwrite removes a run's files only: a subdirectory, a file of another kind or a
     symbolic link is refused (one line, nothing touched)."""
