@@ -103,6 +103,14 @@ def fit(model, guide=None, *args, objective: str = "elbo", num_particles: int = 
     files, unless ``overwrite``). ``num_samples``: importance samples per row for the
     held-out log-likelihood of built-in models with a test split. The remaining keyword
     arguments go to the model and guide, as for ``SVI.step``.
+
+    A model (function or module) with the attribute ``static_steps = True`` declares
+    that its loss performs the same tensor operations at every step, given the batch's
+    shape: no Python value that changes between steps (a counter, an annealed weight)
+    and no random numbers but torch's. The driver then records one step's operations
+    and replays them, once the replay has reproduced the loss and its gradient
+    (``elbolab.inference.replay``): Pyro's per-step work is skipped, the numbers are
+    the same.
     """
     wm, rows, saved = _workbench_model(model, guide, args, kwargs, plate)
     n = int(rows.shape[0])

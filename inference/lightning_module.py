@@ -30,6 +30,8 @@ from elbolab.inference.evaluate import Estimate, elbo_terms
 from elbolab.inference.batches import BatchRun, BatchRuns, EpochBatches, InMemoryBatches, batch_loader
 from elbolab.models.datasources import DataSplits
 from elbolab.inference.objectives import Objective
+from elbolab.inference.replay import ReplayedLoss, static_steps
+from elbolab.models.common import checked_rows
 from elbolab.inference.traces import batch as rows_of, vectorizes
 from elbolab.inference.train_config import TrainConfig, warmup_batch
 
@@ -57,6 +59,11 @@ LEAN_HOOKS = True
 # (``steps_per_batch``): Lightning's loop costs about 0.15 ms a batch, which a run of
 # steps pays once. 1: one step per batch.
 STEPS_PER_BATCH = 32
+# And Pyro's share of a step: the loss of a model that declares its steps static
+# (``models.protocol.StaticSteps``) replayed from a recorded graph of its operations
+# once the graph has reproduced the eager loss and gradient (``replay.ReplayedLoss``),
+# with one process on one device. False: the loss built by Pyro at every step.
+REPLAY_STEPS = True
 
 
 def adam(params, lr: float) -> torch.optim.Adam:
@@ -110,6 +117,8 @@ class SVIModule(pl.LightningModule):
         self.steps_run = 0  # steps of this session
         self.named_params: list[tuple[str, torch.nn.Parameter]] = []
         self.lean_hooks, self.steps_per_batch = False, 1  # (decided with the trainer: train_dataloader)
+        self.replay: ReplayedLoss | None = None  # (decided with the trainer: on_train_start)
+        self.binary_rows = False  # (setup)
 
     def __setattr__(self, name, value):
         # Lightning sets this string around every hook it calls, two dozen times a step:
@@ -172,6 +181,7 @@ class SVIModule(pl.LightningModule):
         self.named_params = list(self.model.named_parameters())  # (after any lazy ones were made)
         self.zero_grad(set_to_none=True)
         self.objective.vectorize = vectorizes(self.model)  # (what objective.loss finds on every call)
+        self.binary_rows = binary_rows(self.data)
 
     def on_train_start(self):
         distributed.broadcast_parameters(self.row_params)  # DDP broadcasts the others
@@ -180,6 +190,8 @@ class SVIModule(pl.LightningModule):
         self.step_optimizers = opts if isinstance(opts, list) else [opts]
         self.step_schedulers = scheds if isinstance(scheds, list) else [scheds] if scheds is not None else []
         self.step_progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        self.replay = ReplayedLoss(self.objective, self.model) if (
+            REPLAY_STEPS and single_device(self.trainer) and static_steps(self.model)) else None
 
     def configure_optimizers(self):
         rows = {id(p) for p in self.row_params}
@@ -199,8 +211,9 @@ class SVIModule(pl.LightningModule):
 
     # -- the step ----------------------------------------------------------
     def training_step(self, rows_batch, batch_idx):
-        # Pyro's validation off for the steps (train_on turns it on for the first one)
-        with pyro.validation_enabled(False):
+        # Pyro's validation off for the steps (train_on turns it on for the first one); the
+        # batches' rows are the training set's, checked once (binary_rows)
+        with pyro.validation_enabled(False), checked_rows(self.binary_rows):
             if not isinstance(rows_batch, BatchRun):
                 self.train_on(*rows_batch)
                 return
@@ -222,6 +235,8 @@ class SVIModule(pl.LightningModule):
         if self.steps_run == 0 or VALIDATE_EVERY_STEP:
             with pyro.validation_enabled(self.validate):
                 loss = self.objective.loss(self.model, x, idx)
+        elif self.replay is not None:  # the recorded graph, once it has passed its check
+            loss = self.replay(x, idx)
         else:  # objective.loss, without finding out again whether the model vectorizes (setup did)
             with rows_of(self.model, x, idx):
                 loss = self.objective(self.model.model, self.model.guide, x)
@@ -353,6 +368,22 @@ def steps_per_batch(trainer: pl.Trainer, module: "SVIModule") -> int:
     return STEPS_PER_BATCH
 
 
+def binary_rows(data: DataSplits, chunk: int = 8192) -> bool:
+    """Whether every training batch holds only 0s and 1s: drawn by dynamic binarization,
+    or training rows that are all 0 or 1 (checked a chunk of rows at a time)."""
+    if data.binarize == "dynamic":
+        return True
+    t = data.train
+    return all(bool(((t[s:s + chunk] == 0) | (t[s:s + chunk] == 1)).all()) for s in range(0, t.shape[0], chunk))
+
+
+def single_device(trainer: pl.Trainer) -> bool:
+    """One process on one device (Lightning's single-device strategy)."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    return type(trainer.strategy) is SingleDeviceStrategy
+
+
 def plain_hooks(trainer: pl.Trainer, module: pl.LightningModule) -> bool:
     """Whether Lightning's ``manual_backward`` and ``LightningOptimizer.step`` would only
     call ``loss.backward()`` and ``optimizer.step()`` around hooks that nobody overrides:
@@ -361,10 +392,9 @@ def plain_hooks(trainer: pl.Trainer, module: pl.LightningModule) -> bool:
     ``on_before_optimizer_step``. Then the step calls the two itself (about 0.1 ms a step
     less) and counts the optimizer step in Lightning's progress as its wrapper does."""
     from lightning.pytorch.plugins.precision import Precision
-    from lightning.pytorch.strategies import SingleDeviceStrategy
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
-    if type(trainer.strategy) is not SingleDeviceStrategy or type(trainer.precision_plugin) is not Precision:
+    if not single_device(trainer) or type(trainer.precision_plugin) is not Precision:
         return False
     hooks = ("on_before_backward", "on_after_backward", "on_before_optimizer_step", "backward")
     return not any(is_overridden(h, cb, pl.Callback) for cb in trainer.callbacks for h in hooks[:3]) and not any(

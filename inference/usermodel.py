@@ -36,6 +36,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 
 from elbolab.inference.errors import UsageError
 from elbolab.inference.traces import DATA_PLATE, batch, plate_nesting, trace_pair
+from elbolab.models.protocol import StaticSteps
 
 
 class _PlateFound(Exception):
@@ -132,6 +133,9 @@ class UserModel(torch.nn.Module):
         self.rows = self.pack(*args, **kwargs)
         self.max_plate_nesting = 1
         self.sequential_particles = False  # measured by prepare()
+        # the user's declaration that the loss repeats its tensor operations from step to
+        # step (models.protocol.StaticSteps): ``static_steps = True`` on the model
+        self.static_steps = isinstance(model, StaticSteps) and model.static_steps is True
 
     # -- packing ---------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ Nothing here imports ``inference``; nothing here owns an optimizer or a loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -114,6 +115,32 @@ def mlp(sizes: Sequence[int], activation: str = "relu", final_activation: bool =
     return nn.Sequential(*layers)
 
 
+# The rows a model runs on inside ``checked_rows``: a stack of the caller's statements
+# (the innermost holds), empty outside.
+_CHECKED: list[bool] = []
+
+
+@contextlib.contextmanager
+def checked_rows(binary: bool):
+    """Inside, the rows a model is run on have been checked by the caller (the training
+    driver, once for the whole training set): their positions lie in the training set,
+    and with ``binary`` their values are 0 or 1. The per-batch checks that would read
+    those facts back from the tensors are skipped: each costs a host synchronization, and
+    a value read into Python keeps a step's operations from being recorded and replayed
+    (``inference.replay``). What is computed is the same: the checks only choose the
+    formula or refuse."""
+    _CHECKED.append(bool(binary))
+    try:
+        yield
+    finally:
+        _CHECKED.pop()
+
+
+def known_binary() -> bool:
+    """Whether the caller has checked that the observed rows are 0 or 1 (``checked_rows``)."""
+    return bool(_CHECKED) and _CHECKED[-1]
+
+
 class BernoulliLogits(dist.Bernoulli):
     """``Bernoulli(logits=...)`` with a faster ``log_prob`` when the logits carry more
     dimensions than the observation (vectorized particles: logits (K, B, D), x (B, D)).
@@ -135,7 +162,7 @@ class BernoulliLogits(dist.Bernoulli):
             return super().log_prob(value)
         if self._validate_args:
             self._validate_sample(value)
-        if not bool(torch.all((value == 0) | (value == 1))):  # a pass over the (small) observation
+        if not known_binary() and not bool(torch.all((value == 0) | (value == 1))):  # (the small observation)
             return value * logits - F.softplus(logits)
         lp = F.logsigmoid(logits * (2.0 * value - 1.0))  # (..., D)
         return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
@@ -333,6 +360,8 @@ def data_plate(x: torch.Tensor):
 
 
 def _check_rows(rows: torch.Tensor, n_data: int) -> torch.Tensor:
+    if _CHECKED:  # the training driver's rows: positions in the training set
+        return rows
     if rows.numel() and int(rows.max()) >= n_data:
         raise ValueError(f"row index {int(rows.max())} of a table of {n_data} rows: a per-datapoint guide "
                          "cannot infer rows it was not trained on")

@@ -493,6 +493,7 @@ class BayesianGaussian(PyroModule):
     likelihood = "gaussian"
     max_plate_nesting = 1
     data_plate = DATA_PLATE
+    static_steps = True  # (models.protocol.StaticSteps)
     # ArviZ's names of the dims (models.protocol.NamedDims): loc and the Bartlett diagonal
     # run over the data's columns, the precision matrix over two copies of them
     variable_dims = {"loc": ("feature",), "bartlett_diag": ("feature",), "precision": ("feature", "feature_bis")}

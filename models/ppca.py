@@ -109,6 +109,7 @@ class PPCA(PyroModule):
     likelihood = "gaussian"
     max_plate_nesting = 1
     data_plate = DATA_PLATE
+    static_steps = True  # (models.protocol.StaticSteps)
 
     def __init__(self, config: PPCAConfig, data_dim: int, n_data: int):
         super().__init__()

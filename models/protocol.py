@@ -8,8 +8,9 @@ training set has. The built-in models are Models; a user's model and guide, writ
 arguments into such rows).
 
 Everything else is optional and declared by a protocol of its own, checked with
-``isinstance``: a closed-form log-likelihood (:class:`ExactLikelihood`), closed-form
-ELBOs (:class:`ExactELBO`), exact posterior draws (:class:`ExactPosterior`), an exact
+``isinstance``: steps that repeat the same operations (:class:`StaticSteps`), a
+closed-form log-likelihood (:class:`ExactLikelihood`), closed-form ELBOs
+(:class:`ExactELBO`), exact posterior draws (:class:`ExactPosterior`), an exact
 Gaussian posterior of each row's local latent (:class:`GaussianPosterior`), the exact
 numbers a fit reports (:class:`ClosedForms`), derived posterior quantities
 (:class:`DerivedQuantities`) and the names of their dimensions
@@ -50,6 +51,20 @@ class SequentialParticles(Protocol):
     row are made one at a time (as Pyro's ELBOs do without ``vectorize_particles``)."""
 
     sequential_particles: bool
+
+
+@runtime_checkable
+class StaticSteps(Protocol):
+    """A model whose training loss, given the batch's shape, is the same tensor operations
+    at every step: only the rows, the parameters' values and torch's random draws change,
+    and no Python value that changes between steps is read (a step counter, a weight
+    annealed from outside, numpy's random numbers). ``static_steps`` True lets the
+    training driver record one step's operations and replay them
+    (``inference.replay.ReplayedLoss``, which checks the replay against the model's own
+    loss before using it). Every built-in model is static; a subclass that adds such a
+    value sets ``static_steps = False``."""
+
+    static_steps: bool
 
 
 @runtime_checkable

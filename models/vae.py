@@ -179,6 +179,7 @@ class VAE(PyroModule):
     likelihood = "bernoulli"
     max_plate_nesting = 1
     data_plate = DATA_PLATE
+    static_steps = True  # (models.protocol.StaticSteps)
 
     def __init__(self, config: VAEConfig, data_dim: int, n_data: int):
         super().__init__()

@@ -77,6 +77,7 @@ class CommonNoisePPCA(PPCA):
     ``StepSetter`` (None: ordinary draws from torch's RNG, as in evaluation)."""
 
     step: int | None = None
+    static_steps = False  # (a Python value read at every step)
 
     def guide(self, x):
         with data_plate(x) as rows:

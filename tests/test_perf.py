@@ -303,17 +303,18 @@ def test_benchmark_quick_run_writes_its_results(tmp_path):
     res = json.loads((out / "results.json").read_text())
     tr = res["train"]["digits"]
     assert tr["yardstick_loss_rel_diff"] < 1e-5
-    assert set(tr["sides"]) == {"hand", "hand-tuned", "pyro-svi", "objective", "driver"}
+    assert set(tr["sides"]) == {"hand", "hand-tuned", "pyro-svi", "objective-eager", "objective", "driver"}
     assert all(v["median"] > 0 and v["ratio_to_hand"] > 0 for v in tr["sides"].values())
     assert 0 < res["eval"]["share_of_matmul_rate"] and res["machine"]["threads"] == 1 and res["clock"] == "cpu"
     assert "the main thread's CPU seconds" in (out / "table.md").read_text()
     assert benchmark._clock[0] is benchmark.time.perf_counter  # (restored: the default is the wall clock)
     assert "| training, s/epoch" in (out / "table.md").read_text()
     pr = res["profile"]["sides"]  # CPU ms a step: the phases add up to the step, the shares are differences
-    for who in ("hand-tuned", "objective"):
+    for who in ("hand-tuned", "objective-eager", "objective"):
         assert all(pr[who][p] > 0 for p in ("rows", "loss", "backward", "adam"))
         assert pr[who]["step"] == pytest.approx(sum(pr[who][p] for p in ("rows", "loss", "backward", "adam")))
     assert res["profile"]["driver_own"] == pytest.approx(pr["driver"]["step"] - pr["objective"]["step"])
+    assert res["profile"]["pyro_own_eager"] == pytest.approx(pr["objective-eager"]["step"] - pr["hand-tuned"]["step"])
     assert "| step profile (digits" in (out / "table.md").read_text()
     for bad in (["--sections", "nope"], ["--sections", "baseline"], ["--sections", "train", "--data-dir", "/nope"]):
         assert benchmark.main([*bad, "--out", str(tmp_path / "x")]) == 2  # refused before any work
@@ -383,7 +384,7 @@ def _fit(data, cfg, callbacks=(), fit_kwargs=None, **flags):
     return res, {n: p.detach().clone() for n, p in m.named_parameters()}
 
 
-REFERENCE = {"IN_MEMORY_BATCHES": False, "LEAN_HOOKS": False, "STEPS_PER_BATCH": 1}
+REFERENCE = {"IN_MEMORY_BATCHES": False, "LEAN_HOOKS": False, "STEPS_PER_BATCH": 1, "REPLAY_STEPS": False}
 
 
 @pytest.mark.parametrize("cfg", [{"epochs": 3}, {"steps": 17, "lr_final": 1e-3}, {"epochs": 2, "clip_norm": 5.0}],
@@ -397,9 +398,15 @@ def test_driver_fast_paths_leave_the_fit_bit_for_bit(cfg):
         def on_train_epoch_end(self, trainer, module):
             runs.append(module.steps_per_batch)
 
+        def on_train_end(self, trainer, module):
+            runs.append(module.replay.replays)
+
     fast, p_fast = _fit(data, cfg, [Runs()])
     ref, p_ref = _fit(data, cfg, **REFERENCE)
+    replays = runs.pop()
     assert runs and set(runs) == {train.STEPS_PER_BATCH}  # the fast fit ran several steps per Lightning batch
+    # every step replayed the recorded loss but the first (validated) and the one recorded
+    assert replays == (cfg.get("steps") or 6 * cfg["epochs"]) - 2
     assert fast.steps == ref.steps == (cfg.get("steps") or 6 * cfg["epochs"])
     assert [r["loss"] for r in fast.history] == [r["loss"] for r in ref.history]  # the same steps
     assert [r["step"] for r in fast.history] == list(range(1, fast.steps + 1))

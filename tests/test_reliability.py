@@ -716,6 +716,7 @@ class PoisonedPPCA(models.ppca.PPCA):
 
     poison_at = 0
     calls = 0
+    static_steps = False  # (a Python value read at every step)
 
     def model(self, x):
         if torch.is_grad_enabled():  # training steps only (checks and evaluations run without grad)
@@ -1128,6 +1129,7 @@ class InterruptedPPCA(models.ppca.PPCA):
 
     stop_at = 0
     calls = 0
+    static_steps = False  # (a Python value read at every step)
 
     def model(self, x):
         if torch.is_grad_enabled():

@@ -60,6 +60,7 @@ class PoisonedPPCA(models.ppca.PPCA):
 
     poison_at = None
     calls = 0
+    static_steps = False  # its steps read a Python counter: a recorded step would not see the poison
 
     def model(self, x):
         if torch.is_grad_enabled():  # training steps only (checks and evaluations run without grad)
