@@ -213,6 +213,8 @@ class SVIModule(pl.LightningModule):
     def training_step(self, rows_batch, batch_idx):
         # Pyro's validation off for the steps (train_on turns it on for the first one); the
         # batches' rows are the training set's, checked once (binary_rows)
+        if self.replay is not None:  # (recordings of replaced parameters or buffers are dropped)
+            self.replay.refresh()
         with pyro.validation_enabled(False), checked_rows(self.binary_rows):
             if not isinstance(rows_batch, BatchRun):
                 self.train_on(*rows_batch)
