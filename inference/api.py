@@ -109,8 +109,9 @@ def fit(model, guide=None, *args, objective: str = "elbo", num_particles: int = 
     shape: no Python value that changes between steps (a counter, an annealed weight)
     and no random numbers but torch's. The driver then records one step's operations
     and replays them, once the replay has reproduced the loss and its gradient
-    (``elbolab.inference.replay``): Pyro's per-step work is skipped, the numbers are
-    the same.
+    (``elbolab.inference.replay``): Pyro's per-step work is skipped, and the numbers
+    are the eager ones (bit for bit on the built-in models; the check allows float32
+    round-off).
     """
     wm, rows, saved = _workbench_model(model, guide, args, kwargs, plate)
     n = int(rows.shape[0])

@@ -53,14 +53,13 @@ from elbolab.inference.errors import UsageError
 from elbolab.inference.evaluate import global_latent_sites, importance_estimates
 from elbolab.inference.files import atomic_write, save_json
 from elbolab.inference.mcmc import run_nuts
-from elbolab.inference.traces import infers_new_rows, whole_set_log_weights
+from elbolab.inference.traces import split_rows, whole_set_log_weights
 from elbolab.models.protocol import ExactLikelihood
 
 NUTS_MAX_DIM = 100  # NUTS (dense mass matrix) runs for global latents of at most this many dimensions
 MD_ROWS = 40  # summary lines per posterior in summary.md (summary.csv has them all)
 PLOT_ROWS = 3  # rows of per-row latents in the forest / pair / posterior plots
 PLOT_LATENTS = 2  # latent dimensions of those rows
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -97,34 +96,24 @@ def _describe(run) -> dict:
 
 def _rows(run, split: str | None, max_rows: int, global_latents: bool):
     """(split name, x, training-row indices or None, each row's index (in the training set
-    for training rows, else in the split: its first rows), labels)."""
+    for training rows, else in the split: its first rows), labels): the rows of
+    ``traces.split_rows``; global latents are diagnosed on all training rows, per-row
+    latents on the first ``max_rows``."""
     data, model = run.data, run.model
     where = getattr(run, "path", None) or "the run"
-    if split is not None and split not in SPLITS:
-        raise UsageError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if global_latents:
-        if split not in (None, "train"):
+        if split in ("val", "test"):
             raise UsageError(f"{where}: the guide's latents are global (a posterior given the training rows); "
                              f"split {split} does not apply")
-        split = "train"
-    elif split is None:
-        split = "test" if infers_new_rows(model, data.train) and data.test.shape[0] else "train"
-    elif split != "train" and not infers_new_rows(model, data.train):
-        raise UsageError(f"{where}: the run's guide is per-datapoint and cannot infer {split} rows; "
-                         "diagnose the train split")
-    x = getattr(data, split)
-    if x.shape[0] == 0:
-        raise UsageError(f"{where}: the {split} split has no rows")
-    labels = getattr(data, f"{split}_labels", None)
-    rows = torch.arange(data.n_train) if split == "train" else None
-    if split == "train" and data.binarize == "dynamic":  # one fixed draw of the training rows' binarization
-        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(0))
+        split = "train" if split is None else split
+    s = split_rows(model, data, split, where=where, verb="diagnose")
+    x, rows, labels = s.x, s.rows, s.labels
     if not global_latents:
         x = x[:max_rows]
         rows = None if rows is None else rows[:max_rows]
         labels = None if labels is None else labels[:max_rows]
     index = np.arange(x.shape[0]) if rows is None else rows.cpu().numpy()
-    return split, x, rows, index, None if labels is None else labels.cpu().numpy()
+    return s.split, x, rows, index, None if labels is None else labels.cpu().numpy()
 
 
 def check_settings(max_rows: int, draws: int, chains: int, n_samples: int, nuts_samples: int, nuts_warmup: int,

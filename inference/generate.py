@@ -14,9 +14,10 @@
   them.
 
 The rows are the test split when the guide infers new rows (an encoder), the training
-rows otherwise (a per-datapoint guide knows only those). Images are decoded as they
-are; the figures (``inference.plots``) show them as grids when the data set has an
-image shape, and as scatters of two columns otherwise.
+rows otherwise (a per-datapoint guide knows only those): ``traces.split_rows``, which
+reads a dynamically binarized training set at its one fixed draw. Images are decoded
+as they are; the figures (``inference.plots``) show them as grids when the data set has
+an image shape, and as scatters of two columns otherwise.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from elbolab.inference.errors import UsageError
 from elbolab.inference.files import save_json
-from elbolab.inference.traces import guide_posterior, infers_new_rows, latent_names
+from elbolab.inference.traces import guide_posterior, latent_names, split_rows
 from elbolab.models.protocol import Generative
 
 TRAVERSAL_SPAN = 2.5  # a traversal runs over mean +- this many standard deviations of the latent means
@@ -43,41 +44,24 @@ def check_generative(model, where: str = "the run") -> None:
                          "models.protocol.Generative): there is nothing to generate from")
 
 
-def source_rows(model, data, split: str | None = None):
-    """(split name, rows x, their training-row indices or None, their labels or None)."""
-    amortized = infers_new_rows(model, data.train)
-    if split is None:
-        split = "test" if amortized and data.test.shape[0] else "train"
-    if split not in ("train", "val", "test"):
-        raise UsageError(f"split must be train, val or test, got {split!r}")
-    if split != "train" and not amortized:
-        raise UsageError(f"the guide is per-datapoint and cannot infer {split} rows; use the train split")
-    x = getattr(data, split)
-    if x.shape[0] == 0:
-        raise UsageError(f"the {split} split has no rows")
-    rows = torch.arange(data.n_train) if split == "train" else None
-    if data.binarize == "dynamic" and split == "train":  # one fixed draw of the grey levels
-        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(0))
-    return split, x, rows, getattr(data, f"{split}_labels", None)
-
-
 @torch.no_grad()
 def generate(model, data, n: int = 100, n_reconstructions: int = 20, pair: tuple[int, int] | None = None,
-             steps: int = 10, split: str | None = None, seed: int = 0) -> dict:
+             steps: int = 10, split: str | None = None, seed: int = 0, where: str = "the run") -> dict:
     """Everything the module docstring lists, as numpy arrays in a dict (seeded; the global
     RNG state is restored): ``prior`` (n, D), ``data`` (N, D: the split's first rows, at
     most MAX_MEAN_ROWS), ``reconstructions`` (m, D) of the first m of them,
     ``interpolation`` (steps, D) with ``pair`` (its two rows' indices in the split,
     default the first two) and ``pair_data`` (2, D), ``traversal`` (dims, steps, D) with
     ``traversal_dims`` and ``traversal_offsets`` (steps,) in units of sd, ``means`` (N, k),
-    ``labels`` (N,) or None; and ``split``."""
-    check_generative(model)
+    ``labels`` (N,) or None; and ``split``. ``where``: the run's name in refusals."""
+    check_generative(model, where)
     if n < 1 or n_reconstructions < 1 or steps < 2:
         raise UsageError(f"n and n_reconstructions must be >= 1 and steps >= 2, got {n}, {n_reconstructions}, {steps}")
     local, glob = latent_names(model, data.train[:2], torch.arange(min(2, data.n_train)))
     if len(local) != 1 or glob:
         raise UsageError("generation needs one local latent per row and no global ones")
-    split, x, rows, labels = source_rows(model, data, split)
+    s = split_rows(model, data, split, where=where)
+    split, x, rows, labels = s.split, s.x, s.rows, s.labels
     b = int(x.shape[0])
     pair = (0, 1) if pair is None else tuple(int(i) for i in pair)
     if len(pair) != 2 or b < 2 or not all(0 <= i < b for i in pair) or pair[0] == pair[1]:

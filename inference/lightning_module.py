@@ -29,6 +29,7 @@ from elbolab.inference.errors import NonFiniteError
 from elbolab.inference.evaluate import Estimate, elbo_terms
 from elbolab.inference.batches import BatchRun, BatchRuns, EpochBatches, InMemoryBatches, batch_loader
 from elbolab.models.datasources import DataSplits
+from elbolab.inference.loggers import LogMetrics
 from elbolab.inference.objectives import Objective
 from elbolab.inference.replay import ReplayedLoss, static_steps
 from elbolab.models.common import checked_rows
@@ -213,6 +214,8 @@ class SVIModule(pl.LightningModule):
     def training_step(self, rows_batch, batch_idx):
         # Pyro's validation off for the steps (train_on turns it on for the first one); the
         # batches' rows are the training set's, checked once (binary_rows)
+        if self.replay is not None:  # (recordings of replaced parameters or buffers are dropped)
+            self.replay.refresh()
         with pyro.validation_enabled(False), checked_rows(self.binary_rows):
             if not isinstance(rows_batch, BatchRun):
                 self.train_on(*rows_batch)
@@ -346,14 +349,15 @@ def steps_per_batch(trainer: pl.Trainer, module: "SVIModule") -> int:
     ``plain_hooks`` (so not DDP, whose gradient synchronization pairs one forward pass
     with one backward pass); validation only at epoch ends (``val_every`` counts
     Lightning's batches); no callback with a per-batch hook (``on_train_batch_start``
-    or ``..._end``) other than the progress bar (which follows the step count) and an
-    epoch-wise ModelCheckpoint; and a fit that starts at an epoch's start (a run
+    or ``..._end``) other than the progress bar (which follows the step count), the
+    loggers' ``LogMetrics`` (which sends each step's row of a run) and an epoch-wise
+    ModelCheckpoint; and a fit that starts at an epoch's start (a run
     resumed from a checkpoint taken mid-epoch goes on as single batches did)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
     def per_step(cb) -> bool:
-        if isinstance(cb, Progress):
+        if isinstance(cb, (Progress, LogMetrics)):  # (both follow runs of steps)
             return False
         if type(cb) is ModelCheckpoint:
             return cb._every_n_train_steps >= 1 or cb._train_time_interval is not None

@@ -56,22 +56,28 @@ def make_logger(name: str, out_dir: str | None):
 class LogMetrics(pl.Callback):
     """Sends the fit's numbers (see the module docstring) to the Trainer's loggers: the
     module keeps its own history (``history.csv``) and reports nothing to Lightning's
-    logging itself."""
+    logging itself.
+
+    After each Lightning batch it sends the history rows of the steps that batch took
+    whose number is a multiple of ``every``: one step, or a run of several when the
+    driver carries runs of steps per batch (``lightning_module.steps_per_batch``, which
+    this callback does not prevent). The same rows reach the loggers either way."""
 
     def __init__(self, every: int = 50):
         self.every = max(1, int(every))
         self.validations_sent = 0
+        self.rows_seen = 0  # history rows already looked at
 
     def on_train_start(self, trainer, module):
-        self.validations_sent = len(module.validations)  # a resumed fit's earlier ones were sent before
+        # a resumed fit's earlier rows and validations were sent before
+        self.validations_sent, self.rows_seen = len(module.validations), len(module.history)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if not trainer.loggers or not module.history or step % self.every:
-            return
-        row = module.history[-1]
-        for logger in trainer.loggers:
-            logger.log_metrics({"train_bound": -row["loss"], "epoch": row["epoch"]}, step=step)
+        rows, self.rows_seen = module.history[self.rows_seen:], len(module.history)
+        for row in rows:
+            if row["step"] % self.every == 0:
+                for logger in trainer.loggers:
+                    logger.log_metrics({"train_bound": -row["loss"], "epoch": row["epoch"]}, step=row["step"])
 
     def on_validation_end(self, trainer, module):
         for v in module.validations[self.validations_sent:]:

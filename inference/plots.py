@@ -199,24 +199,24 @@ def model_pictures(model, data, out_dir: str, name: str = "", seed: int = 0, n: 
     """The pictures a fitted latent-variable model supports, as PNG in ``out_dir``:
     ``prior_samples.png`` and ``reconstructions.png`` for image data and a model with
     ``sample_prior`` / ``decode`` (pixel probabilities: :class:`models.protocol.Generative`),
-    ``latent_means.png`` for any model with one local latent. Test rows with a guide that
-    infers new rows, training rows otherwise. Returns the file names written."""
+    ``latent_means.png`` for any model with one local latent. The rows of
+    ``traces.split_rows``: test rows with a guide that infers new rows, training rows
+    otherwise, a dynamically binarized training set at its one fixed draw (the one
+    ``elbolab diagnose``, ``sample`` and ``evaluate`` read; ``seed`` seeds the prior
+    draws, not the rows). Returns the file names written."""
     import os
 
     import torch
 
-    from elbolab.inference.traces import guide_posterior, infers_new_rows, latent_names
+    from elbolab.inference.traces import guide_posterior, latent_names, split_rows
     from elbolab.models.protocol import Generative
 
     written = []
     local, glob = latent_names(model, data.train[:2])
     if len(local) != 1 or glob:
         return written
-    amortized = infers_new_rows(model, data.train)
-    x, rows = (data.test, None) if amortized and data.test.shape[0] else (data.train, torch.arange(data.n_train))
-    labels = data.test_labels if rows is None else data.train_labels
-    if data.binarize == "dynamic" and rows is not None:
-        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
+    s = split_rows(model, data)
+    x, rows, labels = s.x, s.rows, s.labels
     label = f"{name} on {data.name}" if name else data.name
     g = torch.random.fork_rng()
     with g, torch.no_grad():

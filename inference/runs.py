@@ -49,7 +49,7 @@ from elbolab.inference.evaluate import (IWAELadder, active_units, elbo_estimate,
                                         log_likelihood_seed, test_log_likelihood)
 from elbolab.inference.files import TMP_PREFIX, remove_temporaries, save_json
 from elbolab.inference.loggers import LOG_DIR
-from elbolab.inference.traces import DATA_PLATE, infers_new_rows, latent_names
+from elbolab.inference.traces import DATA_PLATE, infers_new_rows, latent_names, split_rows, training_rows
 from elbolab.inference.train import check_objective_for_model, fit
 from elbolab.inference.train_config import MAX_TENSOR_ELEMENTS, TrainConfig, check_config_for_data, rows_per_batch
 from elbolab.inference.usermodel import UserModel
@@ -787,7 +787,7 @@ def evaluate_run(model, data: DataSplits, spec: RunSpec, result, pareto: ParetoK
     k = spec.eval.eval_particles
     seed = spec.train.seed
     model.eval()
-    splits = {"train": (data.train, torch.arange(data.n_train))}
+    splits = {"train": training_rows(data)}  # a dynamic binarization's training rows at its one fixed draw
     new_rows = infers_new_rows(model, data.train)
     if new_rows:
         splits.update({"val": (data.val, None), "test": (data.test, None)})
@@ -802,10 +802,6 @@ def evaluate_run(model, data: DataSplits, spec: RunSpec, result, pareto: ParetoK
         "quantities": {}, "diagnostics": {}, "closed_forms": {},
     }
     q = metrics["quantities"]
-    if data.binarize == "dynamic":
-        # the training rows evaluated at one fixed draw of their binarization
-        g = torch.Generator().manual_seed(0)
-        splits["train"] = (torch.bernoulli(data.train, generator=g), splits["train"][1])
     global_latents = bool(global_latent_sites(model, data.train[:2], torch.arange(min(2, data.n_train))))
     for i, (name, (x, rows)) in enumerate(splits.items()):
         if x.shape[0] == 0:
@@ -920,19 +916,10 @@ def evaluate_split(run: LoadedRun, split: str = "test", n_samples: int = 5000, s
         raise UsageError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     data, model = run.data, run.model
     seed = log_likelihood_seed(run.spec.train.seed) if seed is None else int(seed)
-    x = getattr(data, split)
-    rows = None
-    if split == "train":
-        rows = torch.arange(data.n_train)
-        if data.binarize == "dynamic":  # one fixed draw of the training rows' binarization
-            x = torch.bernoulli(x, generator=torch.Generator().manual_seed(0))
-    elif x.shape[0] and not infers_new_rows(model, data.train):
-        raise UsageError(f"{run.path}: the run's guide is per-datapoint and cannot infer {split} rows; "
-                         "evaluate the train split")
-    if x.shape[0] == 0:
-        hint = " (a run fit from Python keeps only its training rows: evaluate the train split, or new rows " \
-               "with Run.evaluate)" if run.spec.data.dataset == FROM_PYTHON else ""
-        raise UsageError(f"{run.path}: the {split} split has no rows{hint}")
+    hint = " (a run fit from Python keeps only its training rows: evaluate the train split, or new rows " \
+           "with Run.evaluate)" if run.spec.data.dataset == FROM_PYTHON else ""
+    rows_of = split_rows(model, data, split, where=run.path, verb="evaluate", empty_hint=hint)
+    x, rows = rows_of.x, rows_of.rows
     if max_rows is not None:
         x = x[:max_rows]
         rows = None if rows is None else rows[:max_rows]

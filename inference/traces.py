@@ -1,6 +1,7 @@
 """Trace and score, once: the guide traced, the model replayed on its draws, every site's
 log density read with its mask and scale. Objectives, evaluation, diagnostics and the
-generic guides all go through here.
+generic guides all go through here; and which rows of a data split a command on a
+fitted model reads (:func:`split_rows`).
 
 The data plate and its mini-batches
 -----------------------------------
@@ -475,3 +476,68 @@ def infers_new_rows(model, x: torch.Tensor) -> bool:
     training rows (two are read)."""
     local, _ = latent_names(model, x[:2])
     return bool(local) and not reads_row_indices(model, x)
+
+
+# ----------------------------------------------------------------------------- which rows a command reads
+
+
+SPLITS = ("train", "val", "test")
+FIXED_DRAW_SEED = 0  # the seed of the one draw of dynamically binarized training rows that commands read
+
+
+@dataclass
+class SplitRows:
+    """The rows of one split a command works on: ``split`` (its name), ``x`` (N, D),
+    ``rows`` (their positions in the training set for training rows, else None) and
+    ``labels`` (N,) or None."""
+
+    split: str
+    x: torch.Tensor
+    rows: torch.Tensor | None
+    labels: torch.Tensor | None
+
+
+def training_rows(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training rows as every command after the fit reads them, with their positions
+    (``torch.arange(n_train)``): for dynamic binarization (``data.train`` holds grey
+    levels) one fixed draw, ``torch.bernoulli`` with a generator seeded
+    :data:`FIXED_DRAW_SEED`, the same draw whatever the command and its own seed."""
+    x = data.train
+    if data.binarize == "dynamic":
+        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(FIXED_DRAW_SEED))
+    return x, torch.arange(data.n_train)
+
+
+def split_rows(model, data, split: str | None = None, *, where: str = "the run", verb: str = "use",
+               empty_hint: str = "") -> SplitRows:
+    """The rows of ``data`` (a ``DataSplits``) that a command on the fitted ``model`` works
+    on, by the one rule that ``elbolab diagnose``, ``sample`` and ``evaluate`` and the
+    fit's pictures follow (the fit's metrics read the training rows of
+    :func:`training_rows` too):
+
+    * ``split`` None: the test split if the guide infers new rows (an encoder,
+      :func:`infers_new_rows`) and the data have test rows, else the training rows;
+    * ``split`` must be one of :data:`SPLITS`; a split other than train is refused for a
+      guide that does not infer new rows (a per-datapoint table knows only its training
+      rows): "``where``: the run's guide is per-datapoint and cannot infer ``split`` rows;
+      ``verb`` the train split";
+    * an empty split is refused ("``where``: the ``split`` split has no rows", then
+      ``empty_hint``);
+    * training rows come with their positions and, for dynamic binarization, as the one
+      fixed draw of :func:`training_rows`; validation and test rows as they are (binarized
+      once by the loader), without positions.
+
+    A guide with global latents only (a posterior given the training rows) does not infer
+    new rows either: it gets the training rows by default and the refusal above for
+    another split (``inference.diagnosis`` refuses that split in words of its own first)."""
+    if split is not None and split not in SPLITS:
+        raise UsageError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split is None:
+        split = "test" if data.test.shape[0] and infers_new_rows(model, data.train) else "train"
+    elif split != "train" and not infers_new_rows(model, data.train):
+        raise UsageError(f"{where}: the run's guide is per-datapoint and cannot infer {split} rows; "
+                         f"{verb} the train split")
+    if getattr(data, split).shape[0] == 0:
+        raise UsageError(f"{where}: the {split} split has no rows{empty_hint}")
+    x, rows = training_rows(data) if split == "train" else (getattr(data, split), None)
+    return SplitRows(split, x, rows, getattr(data, f"{split}_labels", None))

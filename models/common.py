@@ -9,6 +9,7 @@ Nothing here imports ``inference``; nothing here owns an optimizer or a loop.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import math
@@ -115,9 +116,9 @@ def mlp(sizes: Sequence[int], activation: str = "relu", final_activation: bool =
     return nn.Sequential(*layers)
 
 
-# The rows a model runs on inside ``checked_rows``: a stack of the caller's statements
-# (the innermost holds), empty outside.
-_CHECKED: list[bool] = []
+# What the caller of ``checked_rows`` said of the rows (None outside): per thread and
+# per asynchronous context, as the statement holds only for the caller's own run
+_CHECKED: contextvars.ContextVar[bool | None] = contextvars.ContextVar("elbolab_checked_rows", default=None)
 
 
 @contextlib.contextmanager
@@ -129,16 +130,16 @@ def checked_rows(binary: bool):
     a value read into Python keeps a step's operations from being recorded and replayed
     (``inference.replay``). What is computed is the same: the checks only choose the
     formula or refuse."""
-    _CHECKED.append(bool(binary))
+    token = _CHECKED.set(bool(binary))
     try:
         yield
     finally:
-        _CHECKED.pop()
+        _CHECKED.reset(token)
 
 
 def known_binary() -> bool:
     """Whether the caller has checked that the observed rows are 0 or 1 (``checked_rows``)."""
-    return bool(_CHECKED) and _CHECKED[-1]
+    return _CHECKED.get() is True
 
 
 class BernoulliLogits(dist.Bernoulli):
@@ -360,7 +361,7 @@ def data_plate(x: torch.Tensor):
 
 
 def _check_rows(rows: torch.Tensor, n_data: int) -> torch.Tensor:
-    if _CHECKED:  # the training driver's rows: positions in the training set
+    if _CHECKED.get() is not None:  # the training driver's rows: positions in the training set
         return rows
     if rows.numel() and int(rows.max()) >= n_data:
         raise ValueError(f"row index {int(rows.max())} of a table of {n_data} rows: a per-datapoint guide "

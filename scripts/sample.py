@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     run, out = _cli.open_run(args.run_dir, args.out, args.threads)
     check_generative(run.model, args.run_dir)
     result = generate(run.model, run.data, n=args.n, n_reconstructions=args.reconstructions, pair=args.pair,
-                      steps=args.steps, split=args.split, seed=args.seed)
+                      steps=args.steps, split=args.split, seed=args.seed, where=args.run_dir)
     with target:
         files = write_samples(result, run.data, out, f"{run.spec.model} on {run.data.name}")
     print(f"{run.spec.model}: {len(result['prior'])} prior samples, {len(result['reconstructions'])} reconstructions, "

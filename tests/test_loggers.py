@@ -36,6 +36,44 @@ def test_csv_logger_writes_the_history_into_the_run_directory(tmp_path):
         assert value == pytest.approx(float(history[step]["val_elbo"]), abs=1e-6)
 
 
+def test_a_logger_keeps_the_runs_of_steps_and_logs_the_same_rows(tmp_path):
+    """The metrics callback follows runs of several steps per Lightning batch: the fit
+    keeps them, and the loggers receive the rows a fit of single steps sends."""
+    import lightning.pytorch as pl
+    import torch
+
+    from elbolab import models
+    from elbolab.inference import lightning_module
+    from elbolab.inference.train import fit
+    from elbolab.inference.train_config import TrainConfig
+    from elbolab.models import datasources as loaders
+
+    d = loaders.load_dataset("digits", binarize="threshold")
+    data = loaders.DataSplits("digits", d.train[:400], d.val[:0], d.test[:0], binarize="threshold")
+    runs = []
+
+    class Runs(pl.Callback):  # (an epoch hook only: it does not ask for single steps itself)
+        def on_train_epoch_end(self, trainer, module):
+            runs.append(module.steps_per_batch)
+
+    logged = {}
+    for per_batch in (lightning_module.STEPS_PER_BATCH, 1):
+        saved, lightning_module.STEPS_PER_BATCH = lightning_module.STEPS_PER_BATCH, per_batch
+        try:
+            torch.manual_seed(0)
+            m = models.build_model("vae", {"latent_dim": 2, "hidden": [16]}, data.data_dim, data.n_train)
+            out = tmp_path / str(per_batch)
+            fit(m, data, TrainConfig(steps=300, batch_size=50, progress=False, logger="csv"), callbacks=[Runs()],
+                out_dir=str(out))
+        finally:
+            lightning_module.STEPS_PER_BATCH = saved
+        logged[per_batch] = [(r["step"], r["train_bound"]) for r in
+                             _rows(out / "lightning_logs" / "version_0" / "metrics.csv") if r["train_bound"]]
+    assert runs[0] == lightning_module.STEPS_PER_BATCH > 1  # the logger did not turn the runs off
+    assert logged[lightning_module.STEPS_PER_BATCH] == logged[1]  # the same rows at the same steps
+    assert [int(s) for s, _ in logged[1]] == list(range(3, 301, 3))  # every 3rd step of 300
+
+
 def test_without_a_logger_nothing_but_history(tmp_path):
     out = tmp_path / "run"
     assert fit_script.main([*TINY, "--epochs", "1", "--out", str(out)]) == 0

@@ -34,9 +34,10 @@ def _batches(x: torch.Tensor, sizes: list[int], seed: int = 3):
     return out
 
 
-def _run(make, objective, batches, replayed: bool):
+def _run(make, objective, batches, replayed: bool, after_step=None, with_model: bool = False):
     """Losses and gradients of consecutive Adam steps on ``batches``, from one seed, the
-    loss replayed (``ReplayedLoss``) or built by Pyro at every step; and the replayer."""
+    loss replayed (``ReplayedLoss``, refreshed before each step as the driver does) or
+    built by Pyro at every step; and the replayer (and the model)."""
     torch.manual_seed(0)
     m = make()
     obj = build_objective(*objective)
@@ -47,10 +48,12 @@ def _run(make, objective, batches, replayed: bool):
     out = []
     torch.manual_seed(1)
     with pyro.validation_enabled(False), common.checked_rows(binary=True):
-        for x, rows in batches:
+        for i, (x, rows) in enumerate(batches):
+            params = list(m.parameters())
             for p in params:
                 p.grad = None
             if r is not None:
+                r.refresh()
                 loss = r(x, rows)
             else:
                 with batch(m, x, rows):
@@ -58,7 +61,9 @@ def _run(make, objective, batches, replayed: bool):
             loss.backward()
             out.append((loss.detach().clone(), [None if p.grad is None else p.grad.clone() for p in params]))
             opt.step()
-    return out, r
+            if after_step is not None:
+                after_step(m, i)
+    return (out, r, m) if with_model else (out, r)
 
 
 def _same(a, b) -> bool:
@@ -136,11 +141,19 @@ class Toy(PyroModule):
         self.loc = torch.nn.Parameter(torch.zeros(d))
         self.enc = torch.nn.Linear(d, d)
         self.calls = 0
+        if quirk == "batchnorm":
+            self.bn = torch.nn.BatchNorm1d(d)
+        if quirk == "no-grad-average":
+            self.register_buffer("average", torch.zeros(d))
 
     def model(self, x):
         w = 1.0
         if self.quirk == "branch" and x.sum() > 0:  # a tensor's value read into Python
             w = 2.0
+        if self.quirk == "tolist" and x.sum().tolist() > 0:  # a value read without an ATen operation
+            w = 2.0
+        if self.quirk == "mask":  # a shape that depends on values
+            w = 1.0 + (x > 0).nonzero().shape[0] / 1000
         if self.quirk == "counter":  # a Python value that changes between steps
             self.calls += 1
             w = 1.0 + self.calls / 10
@@ -154,6 +167,11 @@ class Toy(PyroModule):
             h = h + torch.as_tensor(np.random.randn(), dtype=h.dtype)
         if self.quirk == "straight-through":  # a backward of its own
             h = RoundStraightThrough.apply(h)
+        if self.quirk == "batchnorm":  # its statistics updated in place at every step
+            h = self.bn(h)
+        if self.quirk == "no-grad-average":  # a running average kept without gradients
+            with torch.no_grad():
+                self.average.mul_(0.9).add_(0.1 * h.mean(0))
         if self.quirk == "generator":  # a generator of its own, which the check cannot rewind
             h = h + 0.1 * torch.randn(h.shape, generator=GEN)
         if self.quirk == "foreign":  # a tensor with a gradient that is not the model's parameter
@@ -166,7 +184,9 @@ FOREIGN = torch.zeros(3, requires_grad=True)
 GEN = torch.Generator().manual_seed(0)
 
 
-@pytest.mark.parametrize("quirk,why", [(None, None), ("branch", "reads a tensor's value"),
+@pytest.mark.parametrize("quirk,why", [(None, None), ("batchnorm", None), ("branch", "reads a tensor's value"),
+                                       ("tolist", "Tensor.tolist"), ("mask", "shape depends on values"),
+                                       ("no-grad-average", "without gradients"),
                                        ("counter", "is not the eager loss"), ("numpy", "is not the eager loss"),
                                        ("generator", "is not the eager loss"),
                                        ("straight-through", "gradient"), ("foreign", "not a parameter")])
@@ -174,15 +194,56 @@ def test_a_recording_that_cannot_stand_for_the_loss_is_refused(quirk, why):
     x = torch.randn(60, 3)
     batches = _batches(x, [20] * 6)
     np.random.seed(0)
-    eager, _ = _run(lambda: Toy(quirk), ("elbo", 1), batches, replayed=False)
+    eager, _, m_eager = _run(lambda: Toy(quirk), ("elbo", 1), batches, replayed=False, with_model=True)
     np.random.seed(0)
-    replayed, r = _run(lambda: Toy(quirk), ("elbo", 1), batches, replayed=True)
+    replayed, r, m_replayed = _run(lambda: Toy(quirk), ("elbo", 1), batches, replayed=True, with_model=True)
     if why is None:  # the plain toy is replayed
         assert r.replays == 5 and not r.refused
     else:
         assert r.replays == 0 and why in next(iter(r.refused.values()))
     if quirk not in ("counter", "numpy", "generator"):  # (these count their calls: the check adds some)
         assert _same(eager, replayed)
+        for (n, a), (_, b) in zip(m_eager.named_buffers(), m_replayed.named_buffers(), strict=True):
+            assert torch.equal(a, b), n  # (the check's own runs leave a BatchNorm's statistics as they were)
+
+
+def test_a_replaced_parameter_drops_the_recordings():
+    x = torch.randn(60, 3)
+    batches = _batches(x, [20] * 8)
+
+    def replace_loc(m, step):
+        if step == 3:  # (as a callback between batches might)
+            m.loc = torch.nn.Parameter(m.loc.detach() + 1.0)
+
+    eager, _ = _run(lambda: Toy(None), ("elbo", 1), batches, replayed=False, after_step=replace_loc)
+    replayed, r = _run(lambda: Toy(None), ("elbo", 1), batches, replayed=True, after_step=replace_loc)
+    assert _same(eager, replayed)
+    assert r.replays == 8 - 2  # recorded at the first step and again at the fifth (after the replacement)
+
+
+def test_a_nan_in_the_check_is_a_difference_not_a_crash():
+    assert not replay._close(torch.tensor(float("nan")), torch.tensor(3.0))
+    assert replay._close(torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0]))
+
+
+def test_the_checked_rows_statement_holds_in_its_own_thread_only():
+    import threading
+
+    grey = torch.rand(4, 5)
+    d = common.BernoulliLogits(logits=torch.randn(3, 4, 5), validate_args=False)
+    general = grey * d.logits - torch.nn.functional.softplus(d.logits)
+    inside, seen = threading.Event(), []
+
+    def other():
+        inside.wait()
+        seen.append(torch.allclose(d.log_prob(grey), general))
+
+    t = threading.Thread(target=other)
+    t.start()
+    with common.checked_rows(binary=True):
+        inside.set()
+        t.join()
+    assert seen == [True]  # the other thread read its values: the statement was not its own
 
 
 def test_batch_shapes_beyond_the_limit_keep_the_eager_loss(digits):
