@@ -3,11 +3,14 @@
 import os
 import runpy
 
+import pytest
+
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # (about a minute: it fits, evaluates, diagnoses and compares several models)
 def test_bring_your_own_model_tutorial_runs_and_its_numbers_hold():
     g = runpy.run_path(os.path.join(ROOT, "docs", "tutorial_your_model.py"), run_name="__main__")
     r = g["REGRESSION"]
