@@ -182,7 +182,7 @@ class SVIModule(pl.LightningModule):
         self.named_params = list(self.model.named_parameters())  # (after any lazy ones were made)
         self.zero_grad(set_to_none=True)
         self.objective.vectorize = vectorizes(self.model)  # (what objective.loss finds on every call)
-        self.binary_rows = binary_rows(self.data)
+        self.binary_rows = binary_rows(self.data.train, self.data.binarize == "dynamic")
 
     def on_train_start(self):
         distributed.broadcast_parameters(self.row_params)  # DDP broadcasts the others
@@ -372,13 +372,12 @@ def steps_per_batch(trainer: pl.Trainer, module: "SVIModule") -> int:
     return STEPS_PER_BATCH
 
 
-def binary_rows(data: DataSplits, chunk: int = 8192) -> bool:
-    """Whether every training batch holds only 0s and 1s: drawn by dynamic binarization,
-    or training rows that are all 0 or 1 (checked a chunk of rows at a time)."""
-    if data.binarize == "dynamic":
+def binary_rows(x: torch.Tensor, dynamic: bool, chunk: int = 8192) -> bool:
+    """Whether every training batch drawn from the rows x holds only 0s and 1s: drawn by
+    dynamic binarization, or rows that are all 0 or 1 (checked a chunk at a time)."""
+    if dynamic:
         return True
-    t = data.train
-    return all(bool(((t[s:s + chunk] == 0) | (t[s:s + chunk] == 1)).all()) for s in range(0, t.shape[0], chunk))
+    return all(bool(((x[s:s + chunk] == 0) | (x[s:s + chunk] == 1)).all()) for s in range(0, x.shape[0], chunk))
 
 
 def single_device(trainer: pl.Trainer) -> bool:

@@ -78,7 +78,7 @@ from elbolab.inference.files import atomic_write, save_json
 from elbolab.models.datasources import DataSplits, load_dataset
 from elbolab.inference.objectives import build_objective
 from elbolab.inference.traces import batch
-from elbolab.inference.lightning_module import adam, flushed_denormals
+from elbolab.inference.lightning_module import adam, binary_rows, flushed_denormals
 from elbolab.inference.replay import ReplayedLoss
 from elbolab.models.common import checked_rows
 from elbolab.inference.train import fit
@@ -368,7 +368,7 @@ def objective_side(build, x, batch_size, dynamic, objective, K=1, epochs=1, step
             loss(xb, idx).backward()
             opt.step()
 
-        with pyro.validation_enabled(False), checked_rows(binary_batches(x, dynamic)), flushed_denormals():
+        with pyro.validation_enabled(False), checked_rows(binary_rows(x, dynamic)), flushed_denormals():
             return time_loop(step, x, batch_size, dynamic, epochs, steps, tuned=True)
 
     return run
@@ -376,20 +376,9 @@ def objective_side(build, x, batch_size, dynamic, objective, K=1, epochs=1, step
 
 def step_loss(obj, model, replay: bool) -> Callable:
     """``loss(x, rows)`` as the driver's steps compute it: replayed, or (``replay`` False)
-    built by Pyro."""
-    if replay:
-        return ReplayedLoss(obj, model)
-
-    def eager(xb, idx):
-        with batch(model, xb, idx):
-            return obj(model.model, model.guide, xb)
-
-    return eager
-
-
-def binary_batches(x: torch.Tensor, dynamic: bool) -> bool:
-    """Whether every batch of these rows is 0/1 (what the driver checks once)."""
-    return dynamic or bool(((x == 0) | (x == 1)).all())
+    built by Pyro (the replayer's own eager loss)."""
+    loss = ReplayedLoss(obj, model)
+    return loss if replay else loss.eager
 
 
 def svi_side(build, x, batch_size, dynamic, objective, epochs=1):
@@ -526,7 +515,7 @@ def profile_section(args, data: Data) -> dict:
             opt = adam(params, lr=1e-3)
             step_fn = step_loss(obj, model, replay)
             acc = dict.fromkeys(("rows", "loss", "backward", "adam"), 0.0)
-            with pyro.validation_enabled(False), checked_rows(binary_batches(x, dyn)), flushed_denormals():
+            with pyro.validation_enabled(False), checked_rows(binary_rows(x, dyn)), flushed_denormals():
                 for _ in range(epochs):
                     rows = batches(x, 100, dyn, tuned=True)
                     while True:

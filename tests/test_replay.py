@@ -313,12 +313,9 @@ def test_checked_rows_skip_the_checks_not_the_numbers():
 
 def test_binary_rows_are_decided_from_the_whole_training_set(digits):
     d = loaders.load_dataset("digits", binarize="threshold")
-    assert lightning_module.binary_rows(d)
-    dyn = loaders.DataSplits("digits", digits.train, digits.val, digits.test, binarize="dynamic")
-    assert lightning_module.binary_rows(dyn)  # grey levels, drawn to 0/1 per batch
-    grey = loaders.DataSplits("digits", digits.train, digits.val, digits.test, binarize="none")
-    assert not lightning_module.binary_rows(grey)
+    assert lightning_module.binary_rows(d.train, dynamic=False)
+    assert lightning_module.binary_rows(digits.train, dynamic=True)  # grey levels, drawn to 0/1 per batch
+    assert not lightning_module.binary_rows(digits.train, dynamic=False)
     one_grey = d.train.clone()
     one_grey[-1, -1] = 0.5  # in the last chunk
-    assert not lightning_module.binary_rows(loaders.DataSplits("digits", one_grey, d.val, d.test,
-                                                               binarize="none"), chunk=100)
+    assert not lightning_module.binary_rows(one_grey, dynamic=False, chunk=100)
